@@ -1,0 +1,59 @@
+# The few commands a newcomer needs. Everything installs into ./.venv.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch + torchvision must come as a matching pair (GLM-4.1V's processor needs torchvision).
+# On x86_64 Linux these are CUDA builds that also run on CPU; see README "GPU install".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TINY := .models/tiny
+# pip on this kind of machine warns about every local index folder it skips; that is noise.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: help install tiny demo test test-slow lint bench clean
+
+help:
+	@echo "make demo       set up everything, then run the offline tiny model on an example image"
+	@echo "make test       set up everything, then run lint + the test suite (what CI runs)"
+	@echo "make test-slow  the slow suites (container build, long load tests)"
+	@echo "make bench      engine benchmark on the tiny model -> docs/benchmarks.md"
+	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
+	@echo "make clean      remove .venv, .models and caches"
+
+$(BIN)/.installed: pyproject.toml
+	@echo ">> creating $(VENV) and installing glm4v-bento (first time: a few minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC) 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import torch, torchvision, transformers, bentoml; print('>> installed torch', torch.__version__, '| transformers', transformers.__version__, '| bentoml', bentoml.__version__)"
+	touch $@
+
+install: $(BIN)/.installed
+
+$(TINY)/config.json: glm4v_bento/tiny.py $(BIN)/.installed
+	$(BIN)/glm4v-bento tiny-model $(TINY)
+
+tiny: $(TINY)/config.json
+
+demo: $(TINY)/config.json
+	GLM4V_MODEL=$(TINY) $(BIN)/glm4v-bento generate --image examples/images/house.jpg \
+		--prompt "描述这张图片" --max-new-tokens 48
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(BIN)/.installed lint
+	$(BIN)/pytest -q
+
+test-slow: $(BIN)/.installed
+	$(BIN)/pytest -q -m slow
+
+bench: $(TINY)/config.json
+	$(BIN)/python bench/engine_bench.py --model $(TINY) --output docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .models .pytest_cache .ruff_cache

@@ -1,0 +1,88 @@
+"""The ``glm4v-bento`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from glm4v_bento.tiny import build_tiny_model
+
+    started = time.perf_counter()
+    out = build_tiny_model(args.directory, seed=args.seed)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    elapsed = time.perf_counter() - started
+    print(f"tiny GLM-4.1V checkpoint written to {out} ({size / 1024:.0f} KiB, {elapsed:.1f} s)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Run one request through the engine and print the structured result."""
+    from glm4v_bento.config import get_settings
+    from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, load_model
+    from glm4v_bento.images import ImageError, load_image
+
+    settings = get_settings()
+    model = args.model or settings.model
+    try:
+        images = [load_image(Path(path).read_bytes()) for path in args.image]
+    except (OSError, ImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"loading {model} ...", file=sys.stderr)
+    loaded = load_model(
+        model,
+        revision=settings.revision,
+        device=settings.device,
+        dtype=settings.dtype,
+        attn_implementation=settings.attn_implementation,
+    )
+    engine = Engine(loaded, default_max_new_tokens=settings.default_max_new_tokens)
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+        )
+        request = GenerationRequest(prompt=args.prompt, images=images, params=params)
+        print(f"generating on {loaded.device} ...", file=sys.stderr)
+        [result] = engine.generate([request])
+    finally:
+        engine.close()
+    print(json.dumps(result.model_dump(), ensure_ascii=False, indent=2))
+    return 0 if result.finish_reason != "error" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glm4v-bento", description="Serve GLM-4.1V-9B-Thinking with BentoML."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("tiny-model", help="build the offline tiny GLM-4.1V-format checkpoint")
+    tiny.add_argument("directory", help="where to write it")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    tiny.set_defaults(run=_tiny_model)
+
+    gen = commands.add_parser("generate", help="run one prompt (with images) through the engine")
+    gen.add_argument("--model", help="hub id or local directory (default: GLM4V_MODEL)")
+    gen.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    gen.add_argument("--prompt", default="描述这张图片", help="text prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

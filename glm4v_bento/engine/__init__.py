@@ -1,0 +1,34 @@
+"""The model engine: importable and benchmarkable without BentoML or any HTTP stack."""
+
+from glm4v_bento.engine.engine import Engine, EngineClosedError
+from glm4v_bento.engine.loader import LoadedModel, ModelLoadError, load_model
+from glm4v_bento.engine.parser import OutputParser, ParsedOutput, parse_output
+from glm4v_bento.engine.prompt import PromptError
+from glm4v_bento.engine.types import (
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    Timings,
+    Turn,
+    Usage,
+    Video,
+)
+
+__all__ = [
+    "Engine",
+    "EngineClosedError",
+    "GenerationRequest",
+    "GenerationResult",
+    "LoadedModel",
+    "ModelLoadError",
+    "OutputParser",
+    "ParsedOutput",
+    "PromptError",
+    "SamplingParams",
+    "Timings",
+    "Turn",
+    "Usage",
+    "Video",
+    "load_model",
+    "parse_output",
+]

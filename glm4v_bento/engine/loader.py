@@ -1,0 +1,118 @@
+"""Resolve a model source, device and dtype, and load the processor and model.
+
+The same code loads the real checkpoint (a Hugging Face id) and the tiny one (a local
+directory): there is no special case for either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to check."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    model_id: str
+    revision: str | None
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    max_context: int
+    load_seconds: float
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}") from None
+
+
+def load_model(
+    source: str,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load processor + model from a hub id or a local directory."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    is_local = Path(source).is_dir()
+    logger.info(
+        "loading %s (%s) on %s as %s",
+        source,
+        "local directory" if is_local else "hub id",
+        torch_device,
+        torch_dtype,
+    )
+    try:
+        processor = AutoProcessor.from_pretrained(source, revision=revision)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source,
+            revision=revision,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            device_map=str(torch_device),
+        )
+    except OSError as exc:
+        hint = "" if is_local else " (is it a valid hub id, and is the hub reachable or the model cached?)"
+        raise ModelLoadError(f"could not load model {source!r}{hint}: {exc}") from exc
+    model.eval()
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None) or processor.tokenizer.eos_token_id
+    eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
+    text_config = model.config.get_text_config()
+    loaded = LoadedModel(
+        model=model,
+        processor=processor,
+        model_id=source,
+        revision=revision,
+        device=torch_device,
+        dtype=torch_dtype,
+        eos_token_ids=eos_ids,
+        max_context=int(text_config.max_position_embeddings),
+        load_seconds=time.perf_counter() - started,
+    )
+    logger.info(
+        "loaded %s in %.1f s (%s parameters)", source, loaded.load_seconds, f"{loaded.parameter_count:,}"
+    )
+    return loaded

@@ -1,0 +1,143 @@
+"""A request's decoding state: its tokens, text so far, and when it stops."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import torch
+
+from glm4v_bento.engine.parser import parse_output
+from glm4v_bento.engine.prompt import PreparedPrompt
+from glm4v_bento.engine.types import FinishReason, GenerationRequest, GenerationResult, Timings, Usage
+
+
+class IncrementalDetokenizer:
+    """Decode a growing token list into text pieces without re-decoding everything each step.
+
+    A piece is released only once its bytes form whole characters, so multi-byte
+    characters split across tokens never show up as replacement characters.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of a short window that gives the decoder context
+        self._read_offset = 0  # tokens before this are already released
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        decode = self._tokenizer.decode
+        released = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=False)
+        window = decode(self._ids[self._prefix_offset :], skip_special_tokens=False)
+        if len(window) > len(released) and (final or not window.endswith("\ufffd")):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return window[len(released) :]
+        return ""
+
+
+class Sequence:
+    """One request inside a batch."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        prompt: PreparedPrompt,
+        max_new_tokens: int,
+        tokenizer: Any,
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        submitted_at: float,
+    ) -> None:
+        self.request = request
+        self.params = request.params
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = eos_token_ids
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stop_scan_from = 0
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.generator = None if self.params.greedy else torch.Generator(device=device).manual_seed(seed)
+        self.submitted_at = submitted_at
+        self.started_at: float | None = None
+        self.prefill_done_at: float | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def seen_token_ids(self) -> list[int]:
+        """Tokens the repetition penalty looks at: the prompt and the output so far."""
+        return self.prompt.input_ids + self.output_ids
+
+    def append(self, token_id: int) -> None:
+        """Take the next sampled token and decide whether the sequence is done."""
+        self.output_ids.append(token_id)
+        if token_id in self.eos_token_ids and not self.params.ignore_eos:
+            self._finish("stop")
+            return
+        self.text += self._detokenizer.add(token_id)
+        if self._hit_stop_string():
+            self._finish("stop")
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.text += self._detokenizer.flush()
+            self._hit_stop_string()
+            self._finish("length")
+
+    def cancel(self) -> None:
+        self._finish("cancelled")
+
+    def _hit_stop_string(self) -> bool:
+        stops = self.params.stop
+        if not stops:
+            return False
+        found = [i for i in (self.text.find(s, self._stop_scan_from) for s in stops) if i != -1]
+        if found:
+            self.text = self.text[: min(found)]
+            return True
+        # Next time, scan only where a stop string could still begin.
+        self._stop_scan_from = max(0, len(self.text) - max(len(s) for s in stops) + 1)
+        return False
+
+    def _finish(self, reason: FinishReason) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.finished_at = time.perf_counter()
+
+    def result(self) -> GenerationResult:
+        parsed = parse_output(self.text)
+        now = time.perf_counter()
+        started = self.started_at or now
+        prefill_done = self.prefill_done_at or started
+        finished = self.finished_at or now
+        return GenerationResult(
+            request_id=self.request.request_id,
+            text=self.text,
+            thinking=parsed.thinking,
+            answer=parsed.answer,
+            box=parsed.box,
+            finish_reason=self.finish_reason or "cancelled",
+            usage=Usage(
+                prompt_tokens=self.prompt.num_tokens,
+                completion_tokens=len(self.output_ids),
+                total_tokens=self.prompt.num_tokens + len(self.output_ids),
+            ),
+            timings=Timings(
+                queue_s=started - self.submitted_at,
+                prefill_s=prefill_done - started,
+                decode_s=finished - prefill_done,
+                total_s=finished - self.submitted_at,
+            ),
+        )

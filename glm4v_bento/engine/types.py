@@ -1,0 +1,104 @@
+"""The engine's request and result types: what goes in, what comes out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens. ``temperature == 0`` means greedy decoding."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate at most; default: the server's, within the context."
+    )
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
+    stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (not returned).")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (for benchmarks).")
+
+    @field_validator("temperature", "top_p", "repetition_penalty")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        if any(len(s) > 256 for s in value):
+            raise ValueError("stop strings are at most 256 characters")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Turn:
+    """One earlier message of the conversation."""
+
+    role: Literal["user", "assistant"]
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class Video:
+    """A video as decoded frames sampled at ``fps`` frames per second."""
+
+    frames: list[Image.Image]
+    fps: float
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt: its images (or one video), the text, and how to sample."""
+
+    prompt: str
+    images: list[Image.Image] = field(default_factory=list)
+    video: Video | None = None
+    system: str | None = None
+    history: list[Turn] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Prompt tokens, image and video tokens included.")
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="Waiting for the model.")
+    prefill_s: float = Field(description="Vision encoding and prompt processing of the batch.")
+    decode_s: float = Field(description="From the first token to this request's last one.")
+    total_s: float
+
+
+class GenerationResult(BaseModel):
+    request_id: str | None = None
+    text: str = Field(description="The raw generated text, markers included.")
+    thinking: str
+    answer: str
+    box: str | None = Field(None, description="Content of <|begin_of_box|>...<|end_of_box|>, if any.")
+    finish_reason: FinishReason
+    error: str | None = None
+    usage: Usage
+    timings: Timings
