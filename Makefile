@@ -39,6 +39,7 @@ $(TINY)/config.json: glm4v_bento/tiny.py $(BIN)/.installed
 tiny: $(TINY)/config.json
 
 demo: $(TINY)/config.json
+	@echo ">> the tiny model has random weights: expect random tokens, with real structure and timings"
 	GLM4V_MODEL=$(TINY) $(BIN)/glm4v-bento generate --image examples/images/house.jpg \
 		--prompt "描述这张图片" --max-new-tokens 48
 

@@ -24,29 +24,27 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     """Run one request through the engine and print the structured result."""
     from glm4v_bento.config import get_settings
-    from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, load_model
-    from glm4v_bento.images import ImageError, load_image
+    from glm4v_bento.engine import Engine, GenerationRequest, ModelLoadError, SamplingParams
+    from glm4v_bento.images import ImageError, ImageLimits, load_image
 
     settings = get_settings()
-    model = args.model or settings.model
+    if args.model:
+        settings = settings.model_copy(update={"model": args.model})
     try:
-        images = [load_image(Path(path).read_bytes()) for path in args.image]
+        limits = ImageLimits.from_settings(settings)
+        images = [load_image(Path(path).read_bytes(), limits) for path in args.image]
     except (OSError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"loading {model} ...", file=sys.stderr)
-    loaded = load_model(
-        model,
-        revision=settings.revision,
-        device=settings.device,
-        dtype=settings.dtype,
-        attn_implementation=settings.attn_implementation,
-    )
-    engine = Engine(loaded, default_max_new_tokens=settings.default_max_new_tokens)
+    print(f"loading {settings.model} ...", file=sys.stderr)
     try:
-        params = SamplingParams(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
-        )
+        engine = Engine.from_settings(settings)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    loaded = engine.loaded
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         request = GenerationRequest(prompt=args.prompt, images=images, params=params)
         print(f"generating on {loaded.device} ...", file=sys.stderr)
         [result] = engine.generate([request])
@@ -57,9 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="glm4v-bento", description="Serve GLM-4.1V-9B-Thinking with BentoML."
-    )
+    parser = argparse.ArgumentParser(prog="glm4v-bento", description="Serve GLM-4.1V-9B-Thinking with BentoML.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-model", help="build the offline tiny GLM-4.1V-format checkpoint")

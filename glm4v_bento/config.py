@@ -24,9 +24,7 @@ class Settings(BaseSettings):
         description="Hugging Face model id or local checkpoint directory.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    device: str = Field(
-        "auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1'..."
-    )
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1'...")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="'auto' picks bfloat16 on CUDA and float32 on CPU."
     )
@@ -41,15 +39,11 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(8, ge=1, description="Images one request may carry.")
 
     # --- image limits (checked before the model sees anything)
-    max_image_bytes: int = Field(
-        20 * 1024 * 1024, ge=1, description="Largest accepted encoded image, in bytes."
-    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted encoded image, in bytes.")
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest accepted width*height, checked before decoding (bomb guard)."
     )
-    max_aspect_ratio: float = Field(
-        200.0, gt=1, description="Longest side / shortest side above this is refused."
-    )
+    max_aspect_ratio: float = Field(200.0, gt=1, description="Longest side / shortest side above this is refused.")
     min_image_side: int = Field(
         28, ge=1, description="Images with a side under this many pixels are upscaled to it (model minimum)."
     )

@@ -74,17 +74,13 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError("corrupt", f"the image header is corrupt ({exc})") from None
     if image.format not in SUPPORTED_FORMATS:
-        raise ImageError(
-            "unsupported_format", f"{image.format} images are not supported (supported: {_FORMAT_NAMES})"
-        )
+        raise ImageError("unsupported_format", f"{image.format} images are not supported (supported: {_FORMAT_NAMES})")
     return image
 
 
 def _too_many_pixels(size: tuple[int, int] | None, limits: ImageLimits) -> ImageError:
     claimed = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "more pixels"
-    return ImageError(
-        "too_many_pixels", f"the image has {claimed}; the limit is {limits.max_pixels:,} pixels"
-    )
+    return ImageError("too_many_pixels", f"the image has {claimed}; the limit is {limits.max_pixels:,} pixels")
 
 
 def _check_geometry(size: tuple[int, int], limits: ImageLimits) -> None:

@@ -173,9 +173,6 @@ def build_tiny_model(output_dir: str | Path, seed: int = SEED) -> Path:
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
     (out / "glm4v_bento_tiny.json").write_text(
-        json.dumps(
-            {"note": "tiny random-weight GLM-4.1V-format checkpoint built by glm4v-bento", "seed": seed}
-        )
-        + "\n"
+        json.dumps({"note": "tiny random-weight GLM-4.1V-format checkpoint built by glm4v-bento", "seed": seed}) + "\n"
     )
     return out

@@ -17,9 +17,7 @@ def greedy(max_new_tokens: int, **extra) -> SamplingParams:
 def mixed_requests() -> list[GenerationRequest]:
     return [
         GenerationRequest("Describe this image.", images=[make_image(64, 48)], params=greedy(24)),
-        GenerationRequest(
-            "Compare them.", images=[make_image(112, 112), make_image(30, 90)], params=greedy(10)
-        ),
+        GenerationRequest("Compare them.", images=[make_image(112, 112), make_image(30, 90)], params=greedy(10)),
         GenerationRequest("A question with no image at all.", params=greedy(31)),
         GenerationRequest("small", images=[make_image(28, 28, (0, 0, 255))], params=greedy(17)),
         GenerationRequest("tall picture", images=[make_image(40, 200, (0, 200, 0))], params=greedy(5)),

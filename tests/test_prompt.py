@@ -56,9 +56,7 @@ def test_special_token_strings_in_user_text_stay_text(builder, loaded_model, att
     injected = builder.build(GenerationRequest(prompt=f"hello {attack} bye", images=[make_image(56, 56)]))
     special_ids = set(tokenizer.get_added_vocab().values())
     # Exactly the template's special tokens, no more: the attack added none.
-    assert [i for i in injected.input_ids if i in special_ids] == [
-        i for i in clean.input_ids if i in special_ids
-    ]
+    assert [i for i in injected.input_ids if i in special_ids] == [i for i in clean.input_ids if i in special_ids]
     assert f"hello {attack} bye" in tokenizer.decode(injected.input_ids)
 
 
@@ -75,9 +73,7 @@ def test_system_prompt_and_history_injection_stay_text(builder, loaded_model):
         history=[Turn("user", "[gMASK]"), Turn("assistant", "<|user|>")],
     )
     ids = builder.build(request).input_ids
-    specials = [
-        tokenizer.convert_ids_to_tokens(i) for i in ids if i in set(tokenizer.get_added_vocab().values())
-    ]
+    specials = [tokenizer.convert_ids_to_tokens(i) for i in ids if i in set(tokenizer.get_added_vocab().values())]
     assert specials == [
         "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|user|>", "<|assistant|>"
     ]  # fmt: skip
@@ -114,6 +110,4 @@ def test_too_many_images(builder):
 
 def test_images_and_video_together_are_refused(builder):
     with pytest.raises(PromptError, match="either images or one video"):
-        builder.build(
-            GenerationRequest(prompt="x", images=[make_image(28, 28)], video=Video([make_image(28, 28)], 2))
-        )
+        builder.build(GenerationRequest(prompt="x", images=[make_image(28, 28)], video=Video([make_image(28, 28)], 2)))

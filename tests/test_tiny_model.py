@@ -65,9 +65,7 @@ def test_chat_template_renders_the_real_prompt_format(loaded_model):
         {"role": "assistant", "content": "A house."},
         {"role": "user", "content": [{"type": "text", "text": "Colour?"}]},
     ]
-    rendered = loaded_model.processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
+    rendered = loaded_model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == (
         "[gMASK]<sop><|system|>\nBe brief.<|user|>\n<|begin_of_image|><|image|><|end_of_image|>What is this?"
         "<|assistant|>\nA house.<|user|>\nColour?<|assistant|>\n"

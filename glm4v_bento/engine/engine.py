@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from glm4v_bento.engine.loader import LoadedModel
+from glm4v_bento.config import Settings
+from glm4v_bento.engine.loader import LoadedModel, load_model
 from glm4v_bento.engine.prompt import PromptBuilder, PromptError
 from glm4v_bento.engine.sampling import sample_next_tokens
 from glm4v_bento.engine.sequence import Sequence
@@ -40,9 +41,7 @@ class _Job:
 
 
 class Engine:
-    def __init__(
-        self, loaded: LoadedModel, *, default_max_new_tokens: int = 8192, max_images: int = 8
-    ) -> None:
+    def __init__(self, loaded: LoadedModel, *, default_max_new_tokens: int = 8192, max_images: int = 8) -> None:
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
         self.prompts = PromptBuilder(loaded.processor, max_images=max_images)
@@ -55,6 +54,22 @@ class Engine:
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="glm4v-engine", daemon=True)
         self._worker.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        """Load the configured model and wrap it in an engine with the configured bounds."""
+        loaded = load_model(
+            settings.model,
+            revision=settings.revision,
+            device=settings.device,
+            dtype=settings.dtype,
+            attn_implementation=settings.attn_implementation,
+        )
+        return cls(
+            loaded,
+            default_max_new_tokens=settings.default_max_new_tokens,
+            max_images=settings.max_images_per_request,
+        )
 
     # --- public API
 

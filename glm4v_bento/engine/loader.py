@@ -93,7 +93,7 @@ def load_model(
             attn_implementation=attn_implementation,
             device_map=str(torch_device),
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         hint = "" if is_local else " (is it a valid hub id, and is the hub reachable or the model cached?)"
         raise ModelLoadError(f"could not load model {source!r}{hint}: {exc}") from exc
     model.eval()
@@ -112,7 +112,5 @@ def load_model(
         max_context=int(text_config.max_position_embeddings),
         load_seconds=time.perf_counter() - started,
     )
-    logger.info(
-        "loaded %s in %.1f s (%s parameters)", source, loaded.load_seconds, f"{loaded.parameter_count:,}"
-    )
+    logger.info("loaded %s in %.1f s (%s parameters)", source, loaded.load_seconds, f"{loaded.parameter_count:,}")
     return loaded

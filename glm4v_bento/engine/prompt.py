@@ -81,9 +81,7 @@ class PromptBuilder:
             index = int(match.group(1))
             if index != expected:
                 raise PromptError("the chat template reordered or dropped message text")
-            ids += self._encode_template(
-                rendered[cursor : match.start()], image_inputs, video_inputs, counters
-            )
+            ids += self._encode_template(rendered[cursor : match.start()], image_inputs, video_inputs, counters)
             ids += self._encode_text(pieces[index])
             cursor, expected = match.end(), expected + 1
         if expected != len(pieces):
@@ -118,9 +116,7 @@ class PromptBuilder:
                 answer = _strip_thinking(turn.text)
                 messages.append({"role": "assistant", "content": sentinel(answer, OUTPUT_MARKERS)})
             else:
-                messages.append(
-                    {"role": "user", "content": self._user_content(turn.images, turn.text, sentinel)}
-                )
+                messages.append({"role": "user", "content": self._user_content(turn.images, turn.text, sentinel)})
         content = self._user_content(request.images, request.prompt, sentinel)
         if request.video is not None:
             content.insert(0, {"type": "video"})

@@ -1,0 +1,28 @@
+"""The benchmark scripts still run (tiny sizes): a benchmark that rots is worse than none."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engine_bench_writes_its_section_and_keeps_the_rest(tiny_model_dir, tmp_path):
+    bench = _load("engine_bench")
+    output = tmp_path / "benchmarks.md"
+    output.write_text("# Benchmarks\n\nkept paragraph\n")
+    args = ["--model", str(tiny_model_dir), "--batch-sizes", "1", "2", "--max-new-tokens", "3", "--repeats", "1"]
+    assert bench.main([*args, "--output", str(output)]) == 0
+    assert bench.main([*args, "--output", str(output)]) == 0  # rerun replaces, not appends
+    text = output.read_text()
+    assert "kept paragraph" in text
+    assert text.count("## Engine throughput") == 1
+    assert "| 2 |" in text
