@@ -168,3 +168,32 @@ def test_async_api(engine, solo_results):
 
     result = asyncio.run(_generate_async(engine, mixed_requests()[0]))
     assert result[0].text == solo_results[0].text
+
+
+def test_a_row_that_breaks_the_model_fails_alone(engine, loaded_model, monkeypatch):
+    """An unexpected failure inside the model costs only the request that causes it."""
+    poison = loaded_model.tokenizer.encode("POISON", add_special_tokens=False)
+    original_forward = loaded_model.model.forward
+
+    marker = loaded_model.model.get_input_embeddings().weight[poison[0]]
+
+    def fragile_forward(*args, **kwargs):
+        embeds = kwargs.get("inputs_embeds")  # the prefill step carries the prompt embeddings
+        if embeds is not None and bool((embeds == marker).all(-1).any()):
+            raise RuntimeError("simulated kernel failure")
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded_model.model, "forward", fragile_forward)
+    good = GenerationRequest("fine", params=greedy(5))
+    bad = GenerationRequest("POISON", params=greedy(5))
+    results = engine.generate([good, bad, good])
+    assert [r.finish_reason for r in results] == ["length", "error", "length"]
+    assert results[1].error_type == "internal"
+    assert "simulated" not in results[1].error  # no internals leak to clients
+    alone = engine.generate([bad])[0]
+    assert alone.finish_reason == "error" and alone.error_type == "internal"
+
+
+def test_client_errors_are_marked_as_such(engine):
+    result = engine.generate([GenerationRequest("x", images=[make_image(28, 28)] * 9)])[0]
+    assert result.error_type == "invalid_request"

@@ -24,7 +24,7 @@ from glm4v_bento.engine.loader import LoadedModel, load_model
 from glm4v_bento.engine.prompt import PromptBuilder, PromptError
 from glm4v_bento.engine.sampling import sample_next_tokens
 from glm4v_bento.engine.sequence import Sequence
-from glm4v_bento.engine.types import GenerationRequest, GenerationResult, Timings, Usage
+from glm4v_bento.engine.types import ErrorType, GenerationRequest, GenerationResult, Timings, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -128,22 +128,26 @@ class Engine:
             try:
                 sequences[i] = self._prepare(request, job.submitted_at)
             except (PromptError, ValueError) as exc:
-                results[i] = _error_result(request, str(exc), job.submitted_at)
+                results[i] = _error_result(request, str(exc), "invalid_request", job.submitted_at)
         try:
             self._generate(list(sequences.values()))
-        except Exception:
-            if len(sequences) == 1:
-                raise
+        except Exception as batch_error:
+            logger.exception("generation of a batch of %d failed", len(sequences))
             # Find the row that breaks the batch: rerun each alone so the others still succeed.
-            logger.exception("batch of %d failed; retrying its requests one by one", len(sequences))
+            retry_alone = len(sequences) > 1
             for i in list(sequences):
-                sequences[i] = self._prepare(job.requests[i], job.submitted_at)
-                try:
-                    self._generate([sequences[i]])
-                except Exception as exc:
-                    logger.exception("request %s failed alone", job.requests[i].request_id)
-                    results[i] = _error_result(job.requests[i], f"generation failed: {exc}", job.submitted_at)
-                    del sequences[i]
+                error: Exception = batch_error
+                if retry_alone:
+                    try:
+                        sequences[i] = self._prepare(job.requests[i], job.submitted_at)
+                        self._generate([sequences[i]])
+                        continue
+                    except Exception as exc:
+                        logger.exception("request %s failed alone", job.requests[i].request_id)
+                        error = exc
+                message = f"generation failed on the server ({type(error).__name__})"
+                results[i] = _error_result(job.requests[i], message, "internal", job.submitted_at)
+                del sequences[i]
         for i, seq in sequences.items():
             results[i] = seq.result()
         return [r for r in results if r is not None]
@@ -293,7 +297,9 @@ class Engine:
         return logits
 
 
-def _error_result(request: GenerationRequest, message: str, submitted_at: float) -> GenerationResult:
+def _error_result(
+    request: GenerationRequest, message: str, error_type: ErrorType, submitted_at: float
+) -> GenerationResult:
     elapsed = time.perf_counter() - submitted_at
     return GenerationResult(
         request_id=request.request_id,
@@ -302,6 +308,7 @@ def _error_result(request: GenerationRequest, message: str, submitted_at: float)
         answer="",
         finish_reason="error",
         error=message,
+        error_type=error_type,
         usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
         timings=Timings(queue_s=elapsed, prefill_s=0.0, decode_s=0.0, total_s=elapsed),
     )

@@ -10,6 +10,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Why a request failed: the request itself (a client error) or the server (a bug, out of memory...).
+ErrorType = Literal["invalid_request", "internal"]
 
 
 class SamplingParams(BaseModel):
@@ -100,5 +102,6 @@ class GenerationResult(BaseModel):
     box: str | None = Field(None, description="Content of <|begin_of_box|>...<|end_of_box|>, if any.")
     finish_reason: FinishReason
     error: str | None = None
+    error_type: ErrorType | None = None
     usage: Usage
     timings: Timings
