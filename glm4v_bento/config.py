@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "zai-org/GLM-4.1V-9B-Thinking"
@@ -38,6 +38,22 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(8, ge=1, description="Images one request may carry.")
 
+    # --- serving (BentoML service)
+    gpu_type: str = Field("nvidia-a100-80gb", description="GPU type the service asks for when deployed.")
+    request_timeout_s: int = Field(600, ge=1, description="A request running longer is answered with 504.")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once; more are answered with 429.")
+    max_batch_size: int = Field(32, ge=1, description="Most requests the adaptive batcher merges into one batch.")
+    max_latency_ms: int = Field(
+        600_000, ge=1, description="Adaptive-batching deadline: a request still queued after this gets 503."
+    )
+    max_batch_items: int = Field(16, ge=1, description="Items one batch-inference request may carry.")
+    max_request_bytes: int | None = Field(
+        None, ge=1, description="Largest request body; default: room for the most images a request may carry."
+    )
+    warmup_tokens: int = Field(
+        16, ge=0, description="Tokens of the warm-up generation run before the service reports ready (0: none)."
+    )
+
     # --- image limits (checked before the model sees anything)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted encoded image, in bytes.")
     max_image_pixels: int = Field(
@@ -47,6 +63,22 @@ class Settings(BaseSettings):
     min_image_side: int = Field(
         28, ge=1, description="Images with a side under this many pixels are upscaled to it (model minimum)."
     )
+
+    @property
+    def request_body_limit(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        most_images = max(self.max_images_per_request, self.max_batch_items)
+        return most_images * self.max_image_bytes + 1024 * 1024  # plus room for form fields
+
+    @model_validator(mode="after")
+    def _batch_items_fit_a_batch(self) -> Settings:
+        if self.max_batch_items > self.max_batch_size:
+            raise ValueError(
+                f"GLM4V_MAX_BATCH_ITEMS ({self.max_batch_items}) must not exceed GLM4V_MAX_BATCH_SIZE "
+                f"({self.max_batch_size}): one batch request goes through the batcher as one batch"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,101 @@
+"""ASGI middleware: concurrency limit (429) and request-body limit (413) for client requests.
+
+BentoML's own ``traffic.max_concurrency`` also counts the service's calls to its own
+batcher (they go through the same HTTP stack), so N concurrent clients need 2N slots and
+the inner calls get 429s. This limiter counts client requests only: the service's own
+calls carry a per-process secret header and pass through.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+INTERNAL_HEADER = "x-glm4v-internal"
+INTERNAL_TOKEN = secrets.token_hex(16)  # known only inside this process
+# Probes and metrics must answer even when the server is saturated.
+EXEMPT_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", "/metrics", "/model/info"})
+
+
+class RequestLimits:
+    def __init__(self, app: ASGIApp, max_concurrency: int, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_concurrency = max_concurrency
+        self.max_body_bytes = max_body_bytes
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or _is_internal(scope):
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await _reply(send, 413, f"the request body is {declared:,} bytes; the limit is {self.max_body_bytes:,}")
+            return
+        if self.active >= self.max_concurrency:
+            await _reply(send, 429, f"too many requests in flight (limit {self.max_concurrency}); retry shortly")
+            return
+        self.active += 1
+        try:
+            await self._run_bounded(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _run_bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Count body bytes as they arrive (chunked uploads declare no length); refuse past the limit."""
+        received = 0
+        refused = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    refused = True
+                    await _reply(send, 413, f"the request body exceeds the limit of {self.max_body_bytes:,} bytes")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:  # the 413 is the answer; whatever the app says after it is dropped
+                await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)
+
+
+def _is_internal(scope: Scope) -> bool:
+    expected = INTERNAL_TOKEN.encode()
+    return any(
+        name == INTERNAL_HEADER.encode() and secrets.compare_digest(value, expected)
+        for name, value in scope.get("headers", ())
+    )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _reply(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 429:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

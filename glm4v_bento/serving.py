@@ -1,0 +1,192 @@
+"""The model as the service holds it: loaded in the background, warmed up, health and info.
+
+Free of BentoML so it can be tested alone; ``service.py`` wraps it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from PIL import Image
+
+from glm4v_bento.config import Settings
+from glm4v_bento.engine import Engine, GenerationRequest, GenerationResult, SamplingParams
+from glm4v_bento.images import ImageError, ImageLimits, load_image
+from glm4v_bento.model_source import ModelSource, revision_of
+from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
+
+logger = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def image_error_status(error: ImageError) -> int:
+    """Too many bytes is 413 (payload too large); every other image refusal is 400."""
+    return 413 if error.reason == "too_many_bytes" else 400
+
+
+class ModelHost:
+    """Loads the engine on a background thread so the server can answer probes meanwhile."""
+
+    def __init__(self, settings: Settings, source: ModelSource, resolve_path: Callable[[], str]) -> None:
+        self.settings = settings
+        self.source = source
+        self.limits = ImageLimits.from_settings(settings)
+        self.engine: Engine | None = None
+        self.model_path: str | None = None
+        self.error: str | None = None
+        self._ready = threading.Event()
+        self._loader = threading.Thread(target=self._load, args=(resolve_path,), name="glm4v-loader", daemon=True)
+        self._loader.start()
+
+    # --- lifecycle
+
+    def _load(self, resolve_path: Callable[[], str]) -> None:
+        try:
+            started = time.perf_counter()
+            self.model_path = resolve_path()
+            engine = Engine.from_settings(self.settings.model_copy(update={"model": self.model_path}))
+            if self.settings.warmup_tokens > 0:
+                self._warm_up(engine)
+            self.engine = engine
+            self._ready.set()
+            logger.info("model ready after %.1f s (load + warm-up)", time.perf_counter() - started)
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            self.error = f"loading the model failed: {type(exc).__name__}: {exc}"
+
+    def _warm_up(self, engine: Engine) -> None:
+        """One short generation with an image, so the first real request pays no start-up costs."""
+        started = time.perf_counter()
+        params = SamplingParams(max_new_tokens=self.settings.warmup_tokens, ignore_eos=True)
+        request = GenerationRequest("warm-up", images=[Image.new("RGB", (112, 112), (128, 128, 128))], params=params)
+        [result] = engine.generate([request])
+        if result.finish_reason == "error":
+            raise RuntimeError(f"warm-up generation failed: {result.error}")
+        logger.info("warm-up: %d tokens in %.2f s", result.usage.completion_tokens, time.perf_counter() - started)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    # --- the batch entry point
+
+    async def run_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        """Run items as one engine batch; every item gets its own outcome, failures included."""
+        if self.engine is None:
+            return [BatchOutcome(request_id=i.request_id, status=503, error=self.not_ready_message()) for i in items]
+        outcomes: list[BatchOutcome | None] = [None] * len(items)
+        requests: list[GenerationRequest] = []
+        positions: list[int] = []
+        for index, item in enumerate(items):
+            try:
+                requests.append(self._to_request(item))
+                positions.append(index)
+            except ImageError as exc:
+                outcomes[index] = BatchOutcome(
+                    request_id=item.request_id, status=image_error_status(exc), error=str(exc)
+                )
+        if requests:
+            results = await self.engine.generate_async(requests)
+            for index, result in zip(positions, results, strict=True):
+                outcomes[index] = _outcome(items[index].request_id, result)
+        return [o for o in outcomes if o is not None]
+
+    def _to_request(self, item: BatchItem) -> GenerationRequest:
+        images = []
+        for number, encoded in enumerate(item.images_b64, start=1):
+            try:
+                data = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise ImageError("corrupt", f"image {number} is not valid base64") from None
+            images.append(load_image(data, self.limits))
+        return GenerationRequest(
+            prompt=item.prompt, images=images, system=item.system, params=item.params, request_id=item.request_id
+        )
+
+    # --- reporting
+
+    def not_ready_message(self) -> str:
+        if self.error:
+            return "the model failed to load; see the server log"
+        return "the model is still loading; retry shortly"
+
+    def health(self) -> HealthResponse:
+        engine = self.engine
+        status = "healthy" if engine is not None else ("unhealthy" if self.error else "loading")
+        return HealthResponse(
+            status=status,
+            model_loaded=engine is not None,
+            device=str(engine.loaded.device) if engine else None,
+            queue_depth=engine.queue_depth if engine else 0,
+            running=engine.running if engine else 0,
+            timestamp=now_iso(),
+            error=self.not_ready_message() if self.error else None,
+        )
+
+    def model_info(self) -> dict[str, Any]:
+        if self.engine is None:
+            raise RuntimeError("model not loaded")
+        loaded = self.engine.loaded
+        config = loaded.model.config
+        text, vision = config.get_text_config(), config.vision_config
+        return {
+            "model_name": self.source.ref,
+            "source": self.source.kind,
+            "revision": revision_of(self.model_path or "", self.source.revision),
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "parameter_count": loaded.parameter_count,
+            "max_context": loaded.max_context,
+            "architecture": type(loaded.model).__name__,
+            "model_config": {
+                "text": {
+                    "num_hidden_layers": text.num_hidden_layers,
+                    "hidden_size": text.hidden_size,
+                    "num_attention_heads": text.num_attention_heads,
+                    "num_key_value_heads": text.num_key_value_heads,
+                    "vocab_size": text.vocab_size,
+                },
+                "vision": {
+                    "depth": vision.depth,
+                    "hidden_size": vision.hidden_size,
+                    "patch_size": vision.patch_size,
+                    "spatial_merge_size": vision.spatial_merge_size,
+                },
+            },
+            "processor_info": type(loaded.processor).__name__,
+            "limits": {
+                "max_images_per_request": self.settings.max_images_per_request,
+                "max_image_bytes": self.settings.max_image_bytes,
+                "max_image_pixels": self.settings.max_image_pixels,
+                "max_batch_items": self.settings.max_batch_items,
+                "default_max_new_tokens": self.settings.default_max_new_tokens,
+            },
+        }
+
+
+def _outcome(request_id: str, result: GenerationResult) -> BatchOutcome:
+    if result.finish_reason != "error":
+        return BatchOutcome(request_id=request_id, status=200, result=result)
+    status = 400 if result.error_type == "invalid_request" else 500
+    return BatchOutcome(request_id=request_id, status=status, error=result.error)

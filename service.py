@@ -1,0 +1,229 @@
+"""The BentoML service: a thin shell over the engine (``glm4v_bento``).
+
+Every single-request API hands its item to ``generate_batch``, the one batchable API,
+through BentoML's self-client, so concurrent requests from different clients are merged
+by the adaptive batcher into one engine batch.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import bentoml
+from bentoml.exceptions import BentoMLException
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from glm4v_bento.config import get_settings
+from glm4v_bento.engine import SamplingParams
+from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
+from glm4v_bento.model_source import ModelSource
+from glm4v_bento.native_api import (
+    ApiError,
+    error_response,
+    inference_response,
+    read_image_upload,
+    to_batch_item,
+)
+from glm4v_bento.schemas import (
+    DEFAULT_PROMPT,
+    BatchInferenceRequest,
+    BatchInferenceResponse,
+    BatchItem,
+    BatchOutcome,
+    GenerateResponse,
+    InferenceRequest,
+    InferenceResponse,
+)
+from glm4v_bento.serving import ModelHost, now_iso
+
+settings = get_settings()
+source = ModelSource.from_settings(settings)
+
+
+def _request_id() -> str:
+    """The id BentoML also sends back in the X-BentoML-Request-ID header."""
+    # BentoML keeps it in its (internal) trace context; the header is its 16-digit hex form.
+    from bentoml._internal.context import trace_context
+
+    request_id = trace_context.request_id
+    return format(request_id, "016x") if request_id is not None else uuid.uuid4().hex[:16]
+
+
+def _error(status: int, message: str, request_id: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": "5"} if status in (429, 503) else None
+    return JSONResponse({"error": message, "request_id": request_id}, status_code=status, headers=headers)
+
+
+async def _health(_: Request) -> JSONResponse:
+    service = bentoml.get_current_service()
+    return JSONResponse(service.host.health().model_dump())
+
+
+async def _model_info(_: Request) -> JSONResponse:
+    service = bentoml.get_current_service()
+    if not service.host.ready:
+        return _error(503, service.host.not_ready_message())
+    return JSONResponse(service.host.model_info())
+
+
+# GET routes of the tutorial's API (BentoML APIs are POST-only).
+probes = Starlette(routes=[Route("/health", _health), Route("/model/info", _model_info)])
+
+
+@bentoml.asgi_app(probes, path="/")
+@bentoml.service(
+    name="glm4v",
+    resources={"gpu": 1, "gpu_type": settings.gpu_type},
+    # max_concurrency is enforced by RequestLimits below, which does not count the service's own
+    # calls to its batcher (BentoML's traffic.max_concurrency would, halving the real limit).
+    traffic={"timeout": settings.request_timeout_s},
+    workers=1,
+    labels={"model": settings.model, "project": "glm4v-bento"},
+)
+class GLM4V:
+    # Declared on the class so that `bentoml build` pins and packages the model.
+    model_ref = source.bentoml_model()
+
+    def __init__(self) -> None:
+        self.host = ModelHost(settings, source, resolve_path=lambda: source.local_path(self.model_ref))
+
+    def __is_ready__(self) -> bool:
+        return self.host.ready
+
+    def __is_alive__(self) -> bool:
+        return self.host.alive
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.host.close()
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+        route="/v1/batch/generate",
+    )
+    async def generate_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        """Adaptive-batching entry point: a list of items (images base64-encoded) -> one outcome each."""
+        return await self.host.run_batch(items)
+
+    async def _through_batcher(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        client = self.to_async
+        # Mark our own calls so the client-request limits do not count them.
+        client.default_headers.setdefault(INTERNAL_HEADER, INTERNAL_TOKEN)
+        try:
+            outcomes = await client.generate_batch(items)
+        except BentoMLException as exc:
+            status = exc.error_code.value
+            message = "the server is overloaded; retry shortly" if status == 503 else str(exc)
+            return [BatchOutcome(request_id=i.request_id, status=status, error=message) for i in items]
+        return [BatchOutcome.model_validate(o) if isinstance(o, dict) else o for o in outcomes]
+
+    def _model_brief(self) -> tuple[str, str]:
+        engine = self.host.engine
+        return source.ref, str(engine.loaded.device) if engine else ""
+
+    @bentoml.api(route="/v1/vision/inference")
+    async def vision_inference(
+        self, image_file: Path, request_data: InferenceRequest | None = None
+    ) -> InferenceResponse:
+        """The tutorial's API: multipart `image_file` + optional JSON `request_data`."""
+        started, request_id = time.perf_counter(), _request_id()
+        if not self.host.ready:
+            return _error(503, self.host.not_ready_message(), request_id)
+        request = request_data or InferenceRequest()
+        try:
+            image = await anyio.to_thread.run_sync(read_image_upload, image_file, self.host.limits, "image_file")
+        except ApiError as exc:
+            return _error(exc.status, exc.message, request_id)
+        [outcome] = await self._through_batcher([to_batch_item(request_id, [image], request)])
+        if outcome.status != 200:
+            return _error(outcome.status, outcome.error or "request failed", request_id)
+        return inference_response(request_id, outcome, started, *self._model_brief())
+
+    @bentoml.api(route="/v1/vision/batch-inference")
+    async def vision_batch_inference(
+        self, image_files: list[Path], batch_request: BatchInferenceRequest
+    ) -> BatchInferenceResponse:
+        """The tutorial's batch API: `image_files` + JSON `batch_request` = {"requests": [...]}, in order."""
+        started, request_id = time.perf_counter(), _request_id()
+        if not self.host.ready:
+            return _error(503, self.host.not_ready_message(), request_id)
+        entries = batch_request.requests
+        if len(image_files) != len(entries):
+            return _error(
+                400,
+                f"{len(image_files)} image_files but {len(entries)} entries in batch_request.requests: "
+                "send one entry per image, in the same order",
+                request_id,
+            )
+        if len(entries) > settings.max_batch_items:
+            return _error(
+                400, f"{len(entries)} items in one batch request; the limit is {settings.max_batch_items}", request_id
+            )
+
+        responses: list[InferenceResponse | None] = [None] * len(entries)
+        items: list[BatchItem] = []
+        positions: list[int] = []
+        for index, (path, entry) in enumerate(zip(image_files, entries, strict=True)):
+            item_id = f"{request_id}-{index}"
+            try:
+                label = f"image_files[{index}]"
+                image = await anyio.to_thread.run_sync(read_image_upload, path, self.host.limits, label)
+            except ApiError as exc:
+                responses[index] = error_response(item_id, exc.message, started)
+                continue
+            items.append(to_batch_item(item_id, [image], entry))
+            positions.append(index)
+        if items:
+            outcomes = await self._through_batcher(items)
+            for index, outcome in zip(positions, outcomes, strict=True):
+                responses[index] = inference_response(outcome.request_id, outcome, started, *self._model_brief())
+        return BatchInferenceResponse(
+            request_id=request_id,
+            results=[r for r in responses if r is not None],
+            total_processing_time=time.perf_counter() - started,
+            timestamp=now_iso(),
+        )
+
+    @bentoml.api(route="/generate")
+    async def generate(
+        self,
+        prompt: str = DEFAULT_PROMPT,
+        images: list[Path] = Field(default_factory=list),  # noqa: B008 (BentoML reads the Field)
+        system: str | None = None,
+        params: SamplingParams | None = None,
+    ) -> GenerateResponse:
+        """Typed API for the BentoML client: images (files) + prompt + sampling params -> result."""
+        request_id = _request_id()
+        if not self.host.ready:
+            return _error(503, self.host.not_ready_message(), request_id)
+        request = InferenceRequest(text_prompt=prompt, system_prompt=system)
+        uploads: list[bytes] = []
+        for index, path in enumerate(images):
+            try:
+                label = f"images[{index}]"
+                uploads.append(await anyio.to_thread.run_sync(read_image_upload, path, self.host.limits, label))
+            except ApiError as exc:
+                return _error(exc.status, exc.message, request_id)
+        item = to_batch_item(request_id, uploads, request).model_copy(update={"params": params or SamplingParams()})
+        [outcome] = await self._through_batcher([item])
+        if outcome.status != 200 or outcome.result is None:
+            return _error(outcome.status, outcome.error or "request failed", request_id)
+        result: Any = outcome.result
+        return GenerateResponse(
+            request_id=request_id, model=source.ref, **result.model_dump(exclude={"request_id", "error", "error_type"})
+        )
+
+
+GLM4V.add_asgi_middleware(
+    RequestLimits, max_concurrency=settings.max_concurrency, max_body_bytes=settings.request_body_limit
+)

@@ -1,0 +1,79 @@
+"""Start the real `bentoml serve` on the tiny model in a subprocess, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+BENTOML = Path(sys.executable).parent / "bentoml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A `bentoml serve` process; ``url`` is its base address."""
+
+    def __init__(self, model_dir: Path, log_path: Path, target: str = "service:GLM4V", **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        environment = {
+            **os.environ,
+            "GLM4V_MODEL": str(model_dir),
+            "HF_HUB_OFFLINE": "1",
+            "BENTOML_DO_NOT_TRACK": "True",
+            **env,
+        }
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            [str(BENTOML), "serve", target, "--port", str(self.port), "--host", "127.0.0.1"],
+            cwd=REPO,
+            env=environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_listening(self, timeout: float = 120.0) -> None:
+        self._wait(lambda response: True, timeout, "answer HTTP")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        self._wait(lambda response: response.status_code == 200, timeout, "report ready")
+
+    def _wait(self, done, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if done(httpx.get(f"{self.url}/readyz", timeout=2)):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server did not {what} within {timeout:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+        self._log.close()

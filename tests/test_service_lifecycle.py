@@ -1,0 +1,90 @@
+"""The service's behaviour around its limits: readiness, concurrency, timeouts (real `bentoml serve`)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import pytest
+import requests
+from conftest import encode, make_image
+from serving import Server
+
+IMAGE = encode(make_image(48, 48))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = Server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("logs") / "serve.log",
+        GLM4V_WARMUP_TOKENS="4000",  # a warm-up long enough to watch from outside
+        GLM4V_MAX_CONCURRENCY="2",
+        GLM4V_REQUEST_TIMEOUT_S="4",
+    )
+    try:
+        srv.wait_listening()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def infer(url: str, tokens: int, timeout: float = 60) -> requests.Response:
+    files = {
+        "image_file": ("a.png", IMAGE, "image/png"),
+        "request_data": (None, json.dumps({"text_prompt": "x", "max_tokens": tokens, "ignore_eos": True})),
+    }
+    return requests.post(f"{url}/v1/vision/inference", files=files, timeout=timeout)
+
+
+def test_not_ready_until_warm_up_has_finished(server):
+    statuses, loading_answers = [], []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{server.url}/readyz", timeout=5).status_code
+        statuses.append(status)
+        if status == 200:
+            break
+        if len(loading_answers) < 1:
+            loading_answers.append(
+                (
+                    infer(server.url, 2),
+                    httpx.get(f"{server.url}/health", timeout=5),
+                    httpx.get(f"{server.url}/model/info", timeout=5),
+                )
+            )
+        time.sleep(0.1)
+    assert statuses[0] == 503 and statuses[-1] == 200
+    assert set(statuses[:-1]) == {503}
+    inference, health, info = loading_answers[0]
+    assert health.json()["status"] == "loading" and health.json()["model_loaded"] is False
+    assert inference.status_code == 503
+    assert "still loading" in inference.json()["error"] and inference.headers["retry-after"]
+    assert info.status_code == 503
+    # Once ready, the first request is served at once.
+    assert infer(server.url, 3).status_code == 200
+    assert httpx.get(f"{server.url}/health").json()["status"] == "healthy"
+
+
+def test_requests_over_max_concurrency_get_429(server):
+    server.wait_ready()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(infer, server.url, 2500) for _ in range(6)]
+        time.sleep(0.3)
+        health = httpx.get(f"{server.url}/health", timeout=5)  # probes are never refused
+        responses = [f.result() for f in futures]
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 429 in codes
+    assert set(codes) <= {200, 429}
+    refused = next(r for r in responses if r.status_code == 429)
+    assert "limit 2" in refused.json()["error"] and refused.headers["retry-after"]
+    assert health.status_code == 200
+
+
+def test_a_request_past_the_timeout_gets_504(server):
+    server.wait_ready()
+    response = infer(server.url, 7000)
+    assert response.status_code == 504
+    assert "4" in response.json()["error"]
