@@ -16,7 +16,7 @@ QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 .PHONY: help install tiny demo test test-slow lint bench clean
 
 help:
-	@echo "make demo       set up everything, then run the offline tiny model on an example image"
+	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
 	@echo "make test       set up everything, then run lint + the test suite (what CI runs)"
 	@echo "make test-slow  the slow suites (container build, long load tests)"
 	@echo "make bench      engine benchmark on the tiny model -> docs/benchmarks.md"
@@ -38,10 +38,10 @@ $(TINY)/config.json: glm4v_bento/tiny.py $(BIN)/.installed
 
 tiny: $(TINY)/config.json
 
+PORT ?= 3000
+
 demo: $(TINY)/config.json
-	@echo ">> the tiny model has random weights: expect random tokens, with real structure and timings"
-	GLM4V_MODEL=$(TINY) $(BIN)/glm4v-bento generate --image examples/images/house.jpg \
-		--prompt "描述这张图片" --max-new-tokens 48
+	$(BIN)/glm4v-bento demo --model-dir $(TINY) --port $(PORT)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -55,6 +55,7 @@ test-slow: $(BIN)/.installed
 
 bench: $(TINY)/config.json
 	$(BIN)/python bench/engine_bench.py --model $(TINY) --output docs/benchmarks.md
+	$(BIN)/python bench/service_bench.py --model $(TINY) --output docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .models .pytest_cache .ruff_cache

@@ -7,6 +7,7 @@ by the adaptive batcher into one engine batch.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -106,7 +107,7 @@ class GLM4V:
         self.host.close()
 
     @bentoml.api(
-        batchable=True,
+        batchable=settings.adaptive_batching,
         max_batch_size=settings.max_batch_size,
         max_latency_ms=settings.max_latency_ms,
         route="/v1/batch/generate",
@@ -115,10 +116,23 @@ class GLM4V:
         """Adaptive-batching entry point: a list of items (images base64-encoded) -> one outcome each."""
         return await self.host.run_batch(items)
 
-    async def _through_batcher(self, items: list[BatchItem]) -> list[BatchOutcome]:
+    def _self_client(self) -> Any:
+        """BentoML's in-process client to this service, set up for heavy use by our own calls."""
         client = self.to_async
-        # Mark our own calls so the client-request limits do not count them.
-        client.default_headers.setdefault(INTERNAL_HEADER, INTERNAL_TOKEN)
+        if not getattr(client, "_glm4v_configured", False):
+            # Mark our own calls so the client-request limits (RequestLimits) do not count them.
+            client.default_headers.setdefault(INTERNAL_HEADER, INTERNAL_TOKEN)
+            # BentoML recycles this client's session every 100 calls or 5 minutes, and closing it
+            # cuts the calls still in flight ("Server disconnected" -> 500). In-process there is
+            # no connection to refresh, so never recycle.
+            manager = getattr(client, "_session_manager", None)
+            if manager is not None:
+                manager.max_requests, manager.max_age = sys.maxsize, float("inf")
+            client._glm4v_configured = True
+        return client
+
+    async def _through_batcher(self, items: list[BatchItem]) -> list[BatchOutcome]:
+        client = self._self_client()
         try:
             outcomes = await client.generate_batch(items)
         except BentoMLException as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import sys
 import time
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import cpu_name, write_section
 
 from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, load_model
 
@@ -60,15 +62,7 @@ def measure(engine: Engine, batch_size: int, max_new_tokens: int, repeats: int) 
 
 
 def machine_description(loaded) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else f"CPU: {cpu}"
+    device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else cpu_name()
     return (
         f"{device}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
         f"Python {platform.python_version()}; model `{loaded.model_id}` ({loaded.dtype})"
@@ -97,14 +91,6 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in ``path``, keeping everything else."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"<!-- {SECTION}:start -->.*?<!-- {SECTION}:end -->\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="hub id or local checkpoint (e.g. .models/tiny)")
@@ -129,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(rows, args, machine)
     print(section)
     if args.output:
-        write_section(args.output, section)
+        write_section(args.output, section, SECTION)
         print(f"# written to {args.output}", file=sys.stderr)
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,6 +56,70 @@ def _generate(args: argparse.Namespace) -> int:
     return 0 if result.finish_reason != "error" else 1
 
 
+def _import_model(args: argparse.Namespace) -> int:
+    from glm4v_bento.model_store import ImportError_, import_model
+
+    try:
+        tag = import_model(args.path, args.name, progress=not args.quiet)
+    except ImportError_ as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported as {tag}; serve it with GLM4V_MODEL={tag}")
+    return 0
+
+
+_DEMO_BANNER = """
+glm4v-bento is serving the offline tiny model at {url}
+(random weights: the answers are random tokens; the API, batching and timings are real)
+
+  {url}                 Swagger UI, every API with its schema
+  bash examples/curl.sh {url}
+  .venv/bin/python examples/requests_client.py {url}
+  .venv/bin/python examples/bentoml_client.py {url}
+  .venv/bin/python examples/async_concurrent_client.py {url} 16
+  curl {url}/health
+
+Press Ctrl-C to stop.
+"""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Build the tiny model if needed, serve it with `bentoml serve`, say how to call it."""
+    import subprocess
+    import urllib.request
+
+    from glm4v_bento.tiny import build_tiny_model
+
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "service.py").is_file():
+        print("error: `glm4v-bento demo` runs from a checkout of the repository", file=sys.stderr)
+        return 2
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        build_tiny_model(model_dir)
+    url = f"http://localhost:{args.port}"
+    env = {**os.environ, "GLM4V_MODEL": str(model_dir.resolve())}
+    command = [sys.executable, "-m", "bentoml", "serve", "service:GLM4V", "--port", str(args.port)]
+    server = subprocess.Popen(command, cwd=repo, env=env)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the server on SIGTERM too
+    try:
+        deadline = time.monotonic() + 300
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2):
+                    print(_DEMO_BANNER.format(url=url), flush=True)
+                    break
+            except OSError:
+                time.sleep(0.5)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=60)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm4v-bento", description="Serve GLM-4.1V-9B-Thinking with BentoML.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", help="where to write it")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     tiny.set_defaults(run=_tiny_model)
+
+    demo = commands.add_parser("demo", help="serve the offline tiny model and print how to call it")
+    demo.add_argument("--model-dir", default=".models/tiny", help="where the tiny model is (built if missing)")
+    demo.add_argument("--port", type=int, default=3000)
+    demo.set_defaults(run=_demo)
+
+    imp = commands.add_parser("import-model", help="put a local checkpoint into the BentoML model store")
+    imp.add_argument("path", help="checkpoint directory (with config.json)")
+    imp.add_argument("--name", required=True, help="model-store name, e.g. glm4v-tiny")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.set_defaults(run=_import_model)
 
     gen = commands.add_parser("generate", help="run one prompt (with images) through the engine")
     gen.add_argument("--model", help="hub id or local directory (default: GLM4V_MODEL)")

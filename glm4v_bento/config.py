@@ -42,7 +42,10 @@ class Settings(BaseSettings):
     gpu_type: str = Field("nvidia-a100-80gb", description="GPU type the service asks for when deployed.")
     request_timeout_s: int = Field(600, ge=1, description="A request running longer is answered with 504.")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once; more are answered with 429.")
-    max_batch_size: int = Field(32, ge=1, description="Most requests the adaptive batcher merges into one batch.")
+    adaptive_batching: bool = Field(
+        True, description="Merge concurrent requests into one batch (off: each request runs alone)."
+    )
+    max_batch_size: int = Field(32, ge=2, description="Most requests the adaptive batcher merges into one batch.")
     max_latency_ms: int = Field(
         600_000, ge=1, description="Adaptive-batching deadline: a request still queued after this gets 503."
     )

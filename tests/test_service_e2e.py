@@ -16,7 +16,8 @@ import httpx
 import pytest
 import requests
 from conftest import encode, make_image
-from serving import Server
+
+from glm4v_bento.devserver import Server
 
 HOUSE = Path(__file__).resolve().parent.parent / "examples" / "images" / "house.jpg"
 
@@ -239,3 +240,15 @@ def test_bentoml_routes_are_kept(server):
     assert httpx.get(f"{server.url}/").status_code == 200  # Swagger UI
     paths = httpx.get(f"{server.url}/docs.json").json()["paths"]
     assert {"/v1/vision/inference", "/v1/vision/batch-inference", "/generate"} <= set(paths)
+
+
+def test_sustained_concurrent_load_loses_no_request(server):
+    """More than 100 self-calls in flight over time: BentoML's client recycling must not cut any."""
+    image = encode(make_image(32, 32))
+
+    def one(i: int) -> int:
+        return post_inference(server.url, image, greedy(f"q{i}", 2 + i % 5)).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(one, range(240)))
+    assert codes == [200] * 240

@@ -4,22 +4,46 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import requests
 from conftest import encode, make_image
-from serving import Server
+
+from glm4v_bento.devserver import Server
 
 IMAGE = encode(make_image(48, 48))
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def bentoml_home(tiny_model_dir, tmp_path_factory):
+    """A model store holding the tiny model, imported with the CLI as a user would."""
+    home = tmp_path_factory.mktemp("bentoml_home")
+    cli = Path(sys.executable).parent / "glm4v-bento"
+    out = subprocess.run(
+        [str(cli), "import-model", str(tiny_model_dir), "--name", "glm4v-tiny"],
+        env={**os.environ, "BENTOML_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "imported as glm4v-tiny:" in out.stdout
+    assert "100%" in out.stderr  # the progress bar reached the end
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(bentoml_home, tmp_path_factory):
+    # Served from the model store by tag (no version: the latest).
     srv = Server(
-        tiny_model_dir,
+        "glm4v-tiny",
         tmp_path_factory.mktemp("logs") / "serve.log",
+        BENTOML_HOME=str(bentoml_home),
         GLM4V_WARMUP_TOKENS="4000",  # a warm-up long enough to watch from outside
         GLM4V_MAX_CONCURRENCY="2",
         GLM4V_REQUEST_TIMEOUT_S="4",
@@ -66,6 +90,8 @@ def test_not_ready_until_warm_up_has_finished(server):
     # Once ready, the first request is served at once.
     assert infer(server.url, 3).status_code == 200
     assert httpx.get(f"{server.url}/health").json()["status"] == "healthy"
+    info = httpx.get(f"{server.url}/model/info").json()
+    assert (info["model_name"], info["source"]) == ("glm4v-tiny", "store")
 
 
 def test_requests_over_max_concurrency_get_429(server):

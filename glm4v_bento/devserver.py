@@ -1,4 +1,4 @@
-"""Start the real `bentoml serve` on the tiny model in a subprocess, for end-to-end tests."""
+"""Start the real `bentoml serve` in a subprocess: for end-to-end tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ def free_port() -> int:
 class Server:
     """A `bentoml serve` process; ``url`` is its base address."""
 
-    def __init__(self, model_dir: Path, log_path: Path, target: str = "service:GLM4V", **env: str) -> None:
+    def __init__(self, model: Path | str, log_path: Path, target: str = "service:GLM4V", **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         environment = {
             **os.environ,
-            "GLM4V_MODEL": str(model_dir),
+            "GLM4V_MODEL": str(model),
             "HF_HUB_OFFLINE": "1",
             "BENTOML_DO_NOT_TRACK": "True",
             **env,

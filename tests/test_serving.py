@@ -1,0 +1,72 @@
+"""ModelHost: background loading, readiness, per-item batch outcomes (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+from conftest import encode, make_image
+
+from glm4v_bento.config import Settings
+from glm4v_bento.engine import SamplingParams
+from glm4v_bento.model_source import ModelSource
+from glm4v_bento.schemas import BatchItem
+from glm4v_bento.serving import ModelHost
+
+
+def host_for(path: str, **overrides) -> ModelHost:
+    settings = Settings(model=path, device="cpu", warmup_tokens=2, **overrides)
+    source = ModelSource.from_settings(settings)
+    return ModelHost(settings, source, resolve_path=lambda: source.local_path(None))
+
+
+@pytest.fixture(scope="module")
+def host(tiny_model_dir):
+    h = host_for(str(tiny_model_dir), max_image_bytes=50_000)
+    assert h.wait_ready(60), h.error
+    yield h
+    h.close()
+
+
+def item(request_id: str, images: list[bytes], tokens: int = 4) -> BatchItem:
+    return BatchItem(
+        request_id=request_id,
+        images_b64=[base64.b64encode(i).decode() for i in images],
+        prompt="describe",
+        params=SamplingParams(max_new_tokens=tokens, ignore_eos=True),
+    )
+
+
+def test_each_item_gets_its_own_outcome(host):
+    good = encode(make_image(40, 40))
+    items = [
+        item("a", [good]),
+        item("b", [b"junk"]),
+        item("c", [encode(make_image(300, 300), "BMP")]),  # over the 50 kB limit
+        item("d", [good, good], tokens=6),
+        BatchItem(request_id="e", images_b64=["***not base64***"]),
+        item("f", [good] * 9),  # over the images-per-request limit
+    ]
+    outcomes = asyncio.run(host.run_batch(items))
+    assert [o.request_id for o in outcomes] == ["a", "b", "c", "d", "e", "f"]
+    assert [o.status for o in outcomes] == [200, 400, 413, 200, 400, 400]
+    assert outcomes[3].result.usage.completion_tokens == 6
+    assert "base64" in outcomes[4].error
+    assert "9 images" in outcomes[5].error
+
+
+def test_health_and_info_once_loaded(host):
+    health = host.health()
+    assert (health.status, health.model_loaded, health.device) == ("healthy", True, "cpu")
+    info = host.model_info()
+    assert info["source"] == "local" and info["max_context"] == 8192
+
+
+def test_a_model_that_cannot_load_makes_the_host_unhealthy(tmp_path):
+    broken = host_for(str(tmp_path))  # an empty directory
+    broken._loader.join(60)
+    assert not broken.ready and not broken.alive
+    assert broken.health().status == "unhealthy"
+    outcomes = asyncio.run(broken.run_batch([item("x", [])]))
+    assert outcomes[0].status == 503 and "failed to load" in outcomes[0].error
