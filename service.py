@@ -44,8 +44,10 @@ from glm4v_bento.schemas import (
     InferenceResponse,
 )
 from glm4v_bento.serving import ModelHost, now_iso
+from glm4v_bento.upload_fields import install as refuse_urls_in_file_fields
 
 settings = get_settings()
+refuse_urls_in_file_fields()
 source = ModelSource.from_settings(settings)
 
 

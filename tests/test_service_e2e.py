@@ -252,3 +252,10 @@ def test_sustained_concurrent_load_loses_no_request(server):
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         codes = list(pool.map(one, range(240)))
     assert codes == [200] * 240
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:1/secret.jpg", "https://example.com/cat.jpg", "/etc/passwd"])
+def test_text_in_a_file_field_is_refused_not_fetched(server, value):
+    response = requests.post(f"{server.url}/v1/vision/inference", files={"image_file": (None, value)}, timeout=30)
+    assert response.status_code == 400
+    assert "must be an uploaded file" in response.text
