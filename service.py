@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
 from glm4v_bento.engine import SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
@@ -46,7 +47,7 @@ from glm4v_bento.schemas import (
 from glm4v_bento.serving import ModelHost, now_iso
 from glm4v_bento.upload_fields import install as refuse_urls_in_file_fields
 
-settings = get_settings()
+settings = settings_inside_bento(get_settings(), Path(__file__).resolve().parent)
 refuse_urls_in_file_fields()
 source = ModelSource.from_settings(settings)
 
@@ -90,6 +91,9 @@ probes = Starlette(routes=[Route("/health", _health), Route("/model/info", _mode
     traffic={"timeout": settings.request_timeout_s},
     workers=1,
     labels={"model": settings.model, "project": "glm4v-bento"},
+    # Baked into a built Bento, so the image serves exactly the model it was built with.
+    envs=[{"name": "GLM4V_MODEL", "value": settings.model}]
+    + ([{"name": "GLM4V_REVISION", "value": settings.revision}] if settings.revision else []),
 )
 class GLM4V:
     # Declared on the class so that `bentoml build` pins and packages the model.

@@ -120,6 +120,22 @@ def _demo(args: argparse.Namespace) -> int:
             server.wait(timeout=60)
 
 
+def _build(args: argparse.Namespace) -> int:
+    from glm4v_bento.bento_build import BuildError, build_bento
+    from glm4v_bento.config import get_settings
+
+    settings = get_settings()
+    if args.model:
+        settings = settings.model_copy(update={"model": args.model, "revision": args.revision or settings.revision})
+    try:
+        tag = build_bento(settings)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(tag)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm4v-bento", description="Serve GLM-4.1V-9B-Thinking with BentoML.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", required=True, help="model-store name, e.g. glm4v-tiny")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(run=_import_model)
+
+    build = commands.add_parser("build", help="build the Bento with its model pinned (bentoml build)")
+    build.add_argument("--model", help="hub id or model-store tag (default: GLM4V_MODEL)")
+    build.add_argument("--revision", help="hub revision to pin (default: GLM4V_REVISION or main)")
+    build.set_defaults(run=_build)
 
     gen = commands.add_parser("generate", help="run one prompt (with images) through the engine")
     gen.add_argument("--model", help="hub id or local directory (default: GLM4V_MODEL)")

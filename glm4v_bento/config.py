@@ -16,7 +16,9 @@ DEFAULT_MODEL = "zai-org/GLM-4.1V-9B-Thinking"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GLM4V_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="GLM4V_", extra="ignore", protected_namespaces=(), env_ignore_empty=True
+    )
 
     # --- which model, and where it runs
     model: str = Field(

@@ -24,17 +24,15 @@ def free_port() -> int:
 class Server:
     """A `bentoml serve` process; ``url`` is its base address."""
 
-    def __init__(self, model: Path | str, log_path: Path, target: str = "service:GLM4V", **env: str) -> None:
+    def __init__(self, model: Path | str | None, log_path: Path, target: str = "service:GLM4V", **env: str) -> None:
+        """``model=None`` leaves GLM4V_MODEL unset (a built Bento names its own model)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        environment = {
-            **os.environ,
-            "GLM4V_MODEL": str(model),
-            "HF_HUB_OFFLINE": "1",
-            "BENTOML_DO_NOT_TRACK": "True",
-            **env,
-        }
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True", **env}
+        environment.pop("GLM4V_MODEL", None)
+        if model is not None:
+            environment["GLM4V_MODEL"] = str(model)
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             [str(BENTOML), "serve", target, "--port", str(self.port), "--host", "127.0.0.1"],
