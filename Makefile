@@ -13,12 +13,14 @@ TINY := .models/tiny
 # pip on this kind of machine warns about every local index folder it skips; that is noise.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install tiny demo test test-slow lint bench clean
+.PHONY: help install tiny demo test test-slow container-test lint bench bento clean
 
 help:
 	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
 	@echo "make test       set up everything, then run lint + the test suite (what CI runs)"
 	@echo "make test-slow  the slow suites (container build, long load tests)"
+	@echo "make container-test  build the tiny model's Bento into an image, run it, call it (installs Docker if needed)"
+	@echo "make bento      build the Bento for GLM4V_MODEL (a hub id or a model-store tag)"
 	@echo "make bench      engine benchmark on the tiny model -> docs/benchmarks.md"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"
@@ -51,11 +53,17 @@ test: $(BIN)/.installed lint
 	$(BIN)/pytest -q
 
 test-slow: $(BIN)/.installed
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -s -m slow
+
+container-test: $(BIN)/.installed
+	$(BIN)/pytest -q -s -m slow tests/test_container.py
 
 bench: $(TINY)/config.json
 	$(BIN)/python bench/engine_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/service_bench.py --model $(TINY) --output docs/benchmarks.md
+
+bento: $(BIN)/.installed
+	$(BIN)/glm4v-bento build
 
 clean:
 	rm -rf $(VENV) .models .pytest_cache .ruff_cache

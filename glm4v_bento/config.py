@@ -34,6 +34,15 @@ class Settings(BaseSettings):
         "sdpa", description="Attention kernel used by the language model and vision encoder."
     )
 
+    # --- fitting the model on smaller GPUs (the tutorial's device_map / max_memory / offload)
+    device_map: str | None = Field(
+        None, description="'auto', 'balanced'...: spread the model over GPUs, CPU and disk (accelerate)."
+    )
+    max_memory: dict[str, str] | None = Field(
+        None, description='Per-device memory for device_map, as JSON: {"0": "20GiB", "cpu": "64GiB"}.'
+    )
+    offload_folder: str | None = Field(None, description="Where device_map puts the layers that fit nowhere else.")
+
     # --- generation defaults and bounds
     default_max_new_tokens: int = Field(
         8192, ge=1, description="max_new_tokens when a request names none (thinking is long)."

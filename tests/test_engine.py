@@ -197,3 +197,24 @@ def test_a_row_that_breaks_the_model_fails_alone(engine, loaded_model, monkeypat
 def test_client_errors_are_marked_as_such(engine):
     result = engine.generate([GenerationRequest("x", images=[make_image(28, 28)] * 9)])[0]
     assert result.error_type == "invalid_request"
+
+
+def test_offloading_to_disk_gives_the_same_tokens(tiny_model_dir, tmp_path, solo_results):
+    """The tutorial's memory options for small GPUs: device_map + max_memory + offload_folder."""
+    from glm4v_bento.config import Settings
+    from glm4v_bento.engine import Engine
+
+    settings = Settings(
+        model=str(tiny_model_dir),
+        device="cpu",
+        device_map="auto",
+        max_memory={"cpu": "300KB"},  # less than the model: the rest goes to disk
+        offload_folder=str(tmp_path / "offload"),
+    )
+    offloaded = Engine.from_settings(settings)
+    try:
+        assert "disk" in set(offloaded.loaded.model.hf_device_map.values())  # some weights live on disk
+        result = offloaded.generate([mixed_requests()[0]])[0]
+    finally:
+        offloaded.close()
+    assert result.text == solo_results[0].text

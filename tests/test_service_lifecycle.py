@@ -97,7 +97,7 @@ def test_not_ready_until_warm_up_has_finished(server):
 def test_requests_over_max_concurrency_get_429(server):
     server.wait_ready()
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(infer, server.url, 2500) for _ in range(6)]
+        futures = [pool.submit(infer, server.url, 800) for _ in range(6)]
         time.sleep(0.3)
         health = httpx.get(f"{server.url}/health", timeout=5)  # probes are never refused
         responses = [f.result() for f in futures]

@@ -64,6 +64,9 @@ class Engine:
             device=settings.device,
             dtype=settings.dtype,
             attn_implementation=settings.attn_implementation,
+            device_map=settings.device_map,
+            max_memory=settings.max_memory,
+            offload_folder=settings.offload_folder,
         )
         return cls(
             loaded,

@@ -69,8 +69,16 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     attn_implementation: str = "sdpa",
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
-    """Load processor + model from a hub id or a local directory."""
+    """Load processor + model from a hub id or a local directory.
+
+    ``device_map`` ("auto", "balanced"...) spreads the model over several devices, within
+    ``max_memory`` per device, spilling to ``offload_folder`` on disk: for GPUs too small to
+    hold it. Without it, the whole model goes to ``device``.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     started = time.perf_counter()
@@ -91,12 +99,16 @@ def load_model(
             revision=revision,
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
-            device_map=str(torch_device),
+            device_map=device_map or str(torch_device),
+            max_memory=_memory_map(max_memory) if device_map else None,
+            offload_folder=offload_folder if device_map else None,
         )
     except (OSError, ValueError) as exc:
         hint = "" if is_local else " (is it a valid hub id, and is the hub reachable or the model cached?)"
         raise ModelLoadError(f"could not load model {source!r}{hint}: {exc}") from exc
     model.eval()
+    if device_map:
+        torch_device = _execution_device(model.hf_device_map)
     generation_config = getattr(model, "generation_config", None)
     eos = getattr(generation_config, "eos_token_id", None) or processor.tokenizer.eos_token_id
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
@@ -114,3 +126,20 @@ def load_model(
     )
     logger.info("loaded %s in %.1f s (%s parameters)", source, loaded.load_seconds, f"{loaded.parameter_count:,}")
     return loaded
+
+
+def _memory_map(max_memory: dict[str, str] | None) -> dict[int | str, str] | None:
+    """{"0": "20GiB", "cpu": "64GiB"} -> {0: "20GiB", "cpu": "64GiB"} (GPU indices as ints)."""
+    if not max_memory:
+        return None
+    return {int(key) if key.isdigit() else key: value for key, value in max_memory.items()}
+
+
+def _execution_device(device_map: dict[str, int | str]) -> torch.device:
+    """Where inputs go when the model is spread out: the first GPU it uses, else the CPU
+    (offloaded layers are brought there to run; "disk" and "meta" are no place to compute)."""
+    gpus = sorted(p for p in device_map.values() if isinstance(p, int))
+    if gpus:
+        return torch.device("cuda", gpus[0])
+    named = [p for p in device_map.values() if isinstance(p, str) and p not in ("cpu", "disk", "meta")]
+    return torch.device(named[0]) if named else torch.device("cpu")
