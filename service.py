@@ -7,9 +7,11 @@ by the adaptive batcher into one engine batch.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,12 @@ from bentoml.exceptions import BentoMLException
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
-from glm4v_bento.engine import SamplingParams
+from glm4v_bento.engine import QueueFullError, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
 from glm4v_bento.model_source import ModelSource
 from glm4v_bento.native_api import (
@@ -45,6 +47,8 @@ from glm4v_bento.schemas import (
     InferenceResponse,
 )
 from glm4v_bento.serving import ModelHost, now_iso
+from glm4v_bento.streaming import MEDIA_TYPE as STREAM_MEDIA_TYPE
+from glm4v_bento.streaming import ndjson_events
 from glm4v_bento.upload_fields import install as refuse_urls_in_file_fields
 
 settings = settings_inside_bento(get_settings(), Path(__file__).resolve().parent)
@@ -141,6 +145,10 @@ class GLM4V:
         client = self._self_client()
         try:
             outcomes = await client.generate_batch(items)
+        except asyncio.CancelledError:  # timed out or the client left: stop the generations now
+            for item in items:
+                self.host.cancel(item.request_id)
+            raise
         except BentoMLException as exc:
             status = exc.error_code.value
             message = "the server is overloaded; retry shortly" if status == 503 else str(exc)
@@ -168,6 +176,28 @@ class GLM4V:
         if outcome.status != 200:
             return _error(outcome.status, outcome.error or "request failed", request_id)
         return inference_response(request_id, outcome, started, *self._model_brief())
+
+    @bentoml.api(route="/v1/vision/stream")
+    async def vision_stream(
+        self, image_file: Path, request_data: InferenceRequest | None = None
+    ) -> AsyncGenerator[str, None]:
+        """Same inputs as /v1/vision/inference; answers newline-delimited JSON as tokens are made:
+        {"type": "thinking"|"answer", "text": ...} pieces, then one {"type": "done", ...}."""
+        request_id = _request_id()
+        if not self.host.ready:
+            return _error(503, self.host.not_ready_message(), request_id)
+        request = request_data or InferenceRequest()
+        try:
+            image = await anyio.to_thread.run_sync(read_image_upload, image_file, self.host.limits, "image_file")
+            item = to_batch_item(request_id, [], request)
+            handle = await anyio.to_thread.run_sync(self.host.submit_stream, request_id, [image], item)
+        except ApiError as exc:
+            return _error(exc.status, exc.message, request_id)
+        except QueueFullError as exc:
+            return _error(429, str(exc), request_id)
+        return StreamingResponse(
+            ndjson_events(handle, request_id), media_type=STREAM_MEDIA_TYPE, headers={"X-Request-ID": request_id}
+        )
 
     @bentoml.api(route="/v1/vision/batch-inference")
     async def vision_batch_inference(

@@ -68,6 +68,18 @@ class Settings(BaseSettings):
         16, ge=0, description="Tokens of the warm-up generation run before the service reports ready (0: none)."
     )
 
+    # --- scheduling (the engine)
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: requests join and leave the running batch at every step; static: a batch runs "
+        "until its longest request ends.",
+    )
+    max_running: int = Field(32, ge=1, description="Requests decoding at once in the running batch.")
+    max_batch_tokens: int = Field(
+        262_144, ge=1, description="KV-cache room the running requests may reserve (prompt + max_new_tokens each)."
+    )
+    max_queue: int = Field(256, ge=0, description="Requests waiting for a place; more are refused at once (429).")
+
     # --- image limits (checked before the model sees anything)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted encoded image, in bytes.")
     max_image_pixels: int = Field(

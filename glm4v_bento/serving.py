@@ -5,6 +5,7 @@ Free of BentoML so it can be tested alone; ``service.py`` wraps it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -17,7 +18,14 @@ from typing import Any
 from PIL import Image
 
 from glm4v_bento.config import Settings
-from glm4v_bento.engine import Engine, GenerationRequest, GenerationResult, SamplingParams
+from glm4v_bento.engine import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    QueueFullError,
+    RequestHandle,
+    SamplingParams,
+)
 from glm4v_bento.images import ImageError, ImageLimits, load_image
 from glm4v_bento.model_source import ModelSource, revision_of
 from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
@@ -92,37 +100,45 @@ class ModelHost:
     # --- the batch entry point
 
     async def run_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
-        """Run items as one engine batch; every item gets its own outcome, failures included."""
+        """Submit items together (they start in the same step when there is room); one outcome each."""
         if self.engine is None:
             return [BatchOutcome(request_id=i.request_id, status=503, error=self.not_ready_message()) for i in items]
         outcomes: list[BatchOutcome | None] = [None] * len(items)
-        requests: list[GenerationRequest] = []
-        positions: list[int] = []
-        for index, item in enumerate(items):
-            try:
-                requests.append(self._to_request(item))
-                positions.append(index)
-            except ImageError as exc:
-                outcomes[index] = BatchOutcome(
-                    request_id=item.request_id, status=image_error_status(exc), error=str(exc)
-                )
-        if requests:
-            results = await self.engine.generate_async(requests)
-            for index, result in zip(positions, results, strict=True):
-                outcomes[index] = _outcome(items[index].request_id, result)
+        handles: list[tuple[int, RequestHandle]] = []
+        try:
+            for index, item in enumerate(items):
+                try:
+                    request = self.to_request(item.request_id, _decode_base64(item.images_b64), item)
+                    handles.append((index, self.engine.submit(request)))
+                except ImageError as exc:
+                    status = image_error_status(exc)
+                    outcomes[index] = BatchOutcome(request_id=item.request_id, status=status, error=str(exc))
+                except QueueFullError as exc:
+                    outcomes[index] = BatchOutcome(request_id=item.request_id, status=429, error=str(exc))
+            for index, handle in handles:
+                outcomes[index] = _outcome(items[index].request_id, await handle.wait())
+        except asyncio.CancelledError:  # the callers gave up: stop their generations
+            for _, handle in handles:
+                handle.cancel()
+            raise
         return [o for o in outcomes if o is not None]
 
-    def _to_request(self, item: BatchItem) -> GenerationRequest:
-        images = []
-        for number, encoded in enumerate(item.images_b64, start=1):
-            try:
-                data = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                raise ImageError("corrupt", f"image {number} is not valid base64") from None
-            images.append(load_image(data, self.limits))
+    def to_request(self, request_id: str, images: list[bytes], item: BatchItem) -> GenerationRequest:
+        """Decode the images (within the limits) and form the engine request."""
+        decoded = [load_image(data, self.limits) for data in images]
         return GenerationRequest(
-            prompt=item.prompt, images=images, system=item.system, params=item.params, request_id=item.request_id
+            prompt=item.prompt, images=decoded, system=item.system, params=item.params, request_id=request_id
         )
+
+    def submit_stream(self, request_id: str, images: list[bytes], item: BatchItem) -> RequestHandle:
+        """Start a streamed request (no batcher: it joins the running batch directly)."""
+        if self.engine is None:
+            raise RuntimeError(self.not_ready_message())
+        return self.engine.submit(self.to_request(request_id, images, item), stream=True)
+
+    def cancel(self, request_id: str) -> None:
+        if self.engine is not None:
+            self.engine.cancel(request_id)
 
     # --- reporting
 
@@ -185,7 +201,19 @@ class ModelHost:
         }
 
 
+def _decode_base64(encoded_images: list[str]) -> list[bytes]:
+    images = []
+    for number, encoded in enumerate(encoded_images, start=1):
+        try:
+            images.append(base64.b64decode(encoded, validate=True))
+        except (binascii.Error, ValueError):
+            raise ImageError("corrupt", f"image {number} is not valid base64") from None
+    return images
+
+
 def _outcome(request_id: str, result: GenerationResult) -> BatchOutcome:
+    if result.finish_reason == "cancelled" and not result.text:
+        return BatchOutcome(request_id=request_id, status=503, error="the request was cancelled before it ran")
     if result.finish_reason != "error":
         return BatchOutcome(request_id=request_id, status=200, result=result)
     status = 400 if result.error_type == "invalid_request" else 500

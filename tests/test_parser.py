@@ -34,9 +34,9 @@ CASES = {
         ("hmm", "Just a plain answer.", None),
     ),
     "no_tags_at_all": ("A plain reply.", ("", "A plain reply.", None)),
-    "thinking_opened_by_the_prompt": (
-        "reasoning here</think><answer>yes</answer>",
-        ("reasoning here", "yes", None),
+    "stray_think_close_is_dropped": (
+        "plain</think><answer>yes</answer>",
+        ("", "plainyes", None),
     ),
     "text_before_think": ("\n<think>a</think><answer>b</answer>", ("a", "b", None)),
     "less_than_signs_are_text": (
@@ -99,3 +99,20 @@ def test_a_marker_split_across_pieces_never_leaks():
     for cut in range(1, len(text)):
         _, _, deltas = _stream(text, [cut, len(text)])
         assert all("<" not in d.text and ">" not in d.text for d in deltas), cut
+
+
+def test_a_prompt_that_opened_thinking():
+    text = "reasoning here</think><answer>yes</answer>"
+    parsed = parse_output(text, thinking_opened=True)
+    assert (parsed.thinking, parsed.answer) == ("reasoning here", "yes")
+    parser = OutputParser(thinking_opened=True)
+    deltas = [d for ch in text for d in parser.feed(ch)] + parser.finish()
+    assert "".join(d.text for d in deltas if d.part == "thinking") == "reasoning here"
+
+
+def test_untagged_text_streams_out_as_it_comes():
+    parser = OutputParser()
+    assert [d.text for d in parser.feed("Hello ")] == ["Hello"]  # a trailing space waits for more text
+    assert [d.text for d in parser.feed("wor")] == [" wor"]
+    assert [d.text for d in parser.feed("ld <thi")] == ["ld"]  # "<thi" may still become "<think>"
+    assert [d.text for d in parser.feed("s is text")] == [" <this is text"]

@@ -1,9 +1,11 @@
 """The model engine: importable and benchmarkable without BentoML or any HTTP stack."""
 
-from glm4v_bento.engine.engine import Engine, EngineClosedError
+from glm4v_bento.engine.engine import Engine
+from glm4v_bento.engine.handle import Finished, RequestHandle, StreamEvent, TextDelta
 from glm4v_bento.engine.loader import LoadedModel, ModelLoadError, load_model
 from glm4v_bento.engine.parser import OutputParser, ParsedOutput, parse_output
 from glm4v_bento.engine.prompt import PromptError
+from glm4v_bento.engine.scheduler import EngineClosedError, QueueFullError, SchedulerLimits
 from glm4v_bento.engine.types import (
     GenerationRequest,
     GenerationResult,
@@ -17,6 +19,7 @@ from glm4v_bento.engine.types import (
 __all__ = [
     "Engine",
     "EngineClosedError",
+    "Finished",
     "GenerationRequest",
     "GenerationResult",
     "LoadedModel",
@@ -24,7 +27,12 @@ __all__ = [
     "OutputParser",
     "ParsedOutput",
     "PromptError",
+    "QueueFullError",
+    "RequestHandle",
     "SamplingParams",
+    "SchedulerLimits",
+    "StreamEvent",
+    "TextDelta",
     "Timings",
     "Turn",
     "Usage",

@@ -5,12 +5,12 @@ The model writes ``<think>...</think><answer>...</answer>``; the answer may hold
 (``parse_output``) and a token stream (``OutputParser.feed``), so streamed pieces always
 concatenate to the non-streamed result.
 
-Tolerated: a missing ``</think>`` (cut by max_new_tokens: all of it is thinking), a
-missing ``<think>`` (a prompt that opened it: text before ``</think>`` is thinking), no
+Tolerated: a missing ``</think>`` (cut by max_new_tokens: all of it is thinking), no
 ``<answer>`` tags (text after ``</think>`` is the answer), no tags at all (all answer).
-Text before the first marker is held back until a marker or the end says what it is;
-GLM-4.1V writes ``<think>`` first, so in practice nothing waits.
-Leading and trailing whitespace of each part is dropped; markers never reach a part.
+GLM-4.1V's prompt leaves ``<think>`` to the model; for a prompt that opens it itself, pass
+``thinking_opened=True`` and the text up to ``</think>`` is thinking. Text streams out as it
+comes, held back only while it could still be the start of a marker. Leading and trailing
+whitespace of each part is dropped; markers never reach a part.
 """
 
 from __future__ import annotations
@@ -42,15 +42,14 @@ class ParsedOutput:
 class OutputParser:
     """Incremental parser: ``feed`` text pieces, then ``finish``; both return ``Delta``s."""
 
-    def __init__(self) -> None:
-        self._pending = ""  # text not yet classified (it may start a marker)
-        # start: nothing classified yet; opened: first marker seen, no part entered yet
-        self._state: Literal["start", "opened", "think", "between", "answer", "done"] = "start"
+    def __init__(self, thinking_opened: bool = False) -> None:
+        self._pending = ""  # text that may still turn out to be a marker
+        # start: before any marker (answer text unless <think> comes); between: after </think>
+        self._state: Literal["start", "think", "between", "answer", "done"] = "think" if thinking_opened else "start"
         self._section_started = False  # a part's leading whitespace is dropped
         self._held_space = ""  # trailing whitespace, released only if more text follows
         self._in_box = False
         self._box: list[str] | None = None
-        self._unclassified = ""  # text before the first marker
         self.thinking = ""
         self.answer = ""
 
@@ -73,7 +72,6 @@ class OutputParser:
             marker = next((m for m in MARKERS if self._pending.startswith(m)), None)
             if marker is not None:
                 self._pending = self._pending[len(marker) :]
-                self._classify_start("thinking" if marker == THINK_CLOSE else "answer", out)
                 self._on_marker(marker)
             elif any(m.startswith(self._pending) for m in MARKERS):
                 break  # could still become a marker: wait for more text
@@ -87,7 +85,6 @@ class OutputParser:
         if self._pending:
             self._emit(self._pending, out)
             self._pending = ""
-        self._classify_start("answer", out)
         return out
 
     def result(self) -> ParsedOutput:
@@ -97,13 +94,13 @@ class OutputParser:
 
     def _on_marker(self, marker: str) -> None:
         state = self._state
-        if marker == THINK_OPEN and state == "opened":
+        if marker == THINK_OPEN and state == "start" and not self.answer:
             self._enter("think")
-        elif marker == THINK_CLOSE and state == "think":
+        elif marker == THINK_CLOSE and state in ("start", "think"):
             self._enter("between")
-        elif marker == ANSWER_OPEN and state in ("opened", "think", "between"):
+        elif marker == ANSWER_OPEN and state in ("start", "think", "between"):
             self._enter("answer")
-        elif marker == ANSWER_CLOSE and state in ("opened", "between", "answer"):
+        elif marker == ANSWER_CLOSE and state in ("start", "between", "answer"):
             self._in_box = False
             self._enter("done")
         elif marker == BOX_OPEN and self._part() == "answer" and self._box is None:
@@ -125,22 +122,11 @@ class OutputParser:
     def _part_of(state: str) -> Part | None:
         if state == "think":
             return "thinking"
-        if state in ("start", "opened", "between", "answer"):
+        if state in ("start", "between", "answer"):
             return "answer"
         return None
 
-    def _classify_start(self, part: Part, out: list[Delta]) -> None:
-        """The text before the first marker turns out to be ``part``: emit it as such."""
-        if self._state != "start":
-            return
-        self._state = "think" if part == "thinking" else "opened"
-        text, self._unclassified = self._unclassified, ""
-        self._emit(text, out)
-
     def _emit(self, text: str, out: list[Delta]) -> None:
-        if self._state == "start":
-            self._unclassified += text
-            return
         part = self._part()
         if part is None or not text:
             return
@@ -168,9 +154,9 @@ class OutputParser:
             self._held_space += trailing
 
 
-def parse_output(text: str) -> ParsedOutput:
+def parse_output(text: str, thinking_opened: bool = False) -> ParsedOutput:
     """Parse a whole generated text at once."""
-    parser = OutputParser()
+    parser = OutputParser(thinking_opened)
     parser.feed(text)
     parser.finish()
     return parser.result()

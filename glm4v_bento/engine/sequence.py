@@ -66,6 +66,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stop_scan_from = 0
+        self._emitted = 0  # how much of self.text has been handed out as deltas
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.generator = None if self.params.greedy else torch.Generator(device=device).manual_seed(seed)
         self.submitted_at = submitted_at
@@ -98,6 +99,21 @@ class Sequence:
 
     def cancel(self) -> None:
         self._finish("cancelled")
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most KV-cache room this request can need: its prompt and all its new tokens."""
+        return self.prompt.num_tokens + self.max_new_tokens
+
+    def take_delta(self) -> str:
+        """Text not handed out yet. While running, a tail that could still begin a stop string
+        is held back, so a stop string never leaks into a stream."""
+        end = len(self.text)
+        if not self.finished and self.params.stop:
+            end = max(self._emitted, end - max(len(s) for s in self.params.stop) + 1)
+        delta = self.text[self._emitted : end]
+        self._emitted = end
+        return delta
 
     def _hit_stop_string(self) -> bool:
         stops = self.params.stop

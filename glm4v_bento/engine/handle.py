@@ -1,0 +1,115 @@
+"""A submitted request as its caller holds it: its result, its stream of events, its cancel switch.
+
+The scheduler thread produces; callers consume from any thread (``result``) or from an
+asyncio loop (``wait``, ``events``). Text deltas are only kept for handles that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from glm4v_bento.engine.types import GenerationRequest, GenerationResult
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New generated text (raw: markers included; stop strings never leak into it)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: GenerationResult
+
+
+StreamEvent = TextDelta | Finished
+
+
+class RequestHandle:
+    def __init__(self, request: GenerationRequest, *, stream: bool, on_cancel=None) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.streaming = stream
+        self._future: Future[GenerationResult] = Future()
+        self._cancelled = threading.Event()
+        self._on_cancel = on_cancel
+        self._lock = threading.Lock()
+        self._buffer: list[StreamEvent] = []
+        self._subscriber: tuple[asyncio.AbstractEventLoop, asyncio.Queue[StreamEvent]] | None = None
+
+    # --- caller side
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop this request at its next step (or drop it from the queue)."""
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            if self._on_cancel is not None:
+                self._on_cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        return self._future.result(timeout)
+
+    async def wait(self) -> GenerationResult:
+        """The final result; cancelling the awaiting task cancels the request."""
+        try:
+            return await asyncio.shield(asyncio.wrap_future(self._future))
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Text deltas as they are produced, then one ``Finished``. Leaving early cancels the request."""
+        if not self.streaming:
+            raise RuntimeError("this request was not submitted with stream=True")
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        with self._lock:
+            for event in self._buffer:
+                queue.put_nowait(event)
+            self._buffer.clear()
+            self._subscriber = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = isinstance(event, Finished)
+                yield event
+        finally:
+            if not finished:  # the consumer went away (client disconnected, timeout)
+                self.cancel()
+
+    # --- scheduler side
+
+    def emit(self, text: str) -> None:
+        if self.streaming and text:
+            self._publish(TextDelta(text))
+
+    def finish(self, result: GenerationResult) -> None:
+        if self._future.done():
+            return
+        if self.streaming:
+            self._publish(Finished(result))
+        self._future.set_result(result)
+
+    def _publish(self, event: StreamEvent) -> None:
+        with self._lock:
+            if self._subscriber is None:
+                self._buffer.append(event)
+                return
+            loop, queue = self._subscriber
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            self.cancel()

@@ -1,0 +1,319 @@
+"""The scheduler: one thread owns the model and decides, step by step, which rows run.
+
+Continuous mode: between two decode steps, waiting requests are admitted (their prefill
+runs, images included, and their KV cache joins the running batch); finished or
+cancelled rows leave at once. Static mode admits only into an empty batch, so a batch
+runs until its longest row ends (the classic batcher, kept for comparison).
+
+Admission is first come, first served, within three bounds: rows running at once, the
+KV-cache room reserved by the running rows (prompt + max_new_tokens each), and a bounded
+wait queue that refuses new work at once when full.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from glm4v_bento.engine.batch import BatchState
+from glm4v_bento.engine.handle import RequestHandle
+from glm4v_bento.engine.prompt import PromptBuilder, PromptError
+from glm4v_bento.engine.runner import ModelRunner
+from glm4v_bento.engine.sampling import sample_next_tokens
+from glm4v_bento.engine.sequence import Sequence
+from glm4v_bento.engine.types import ErrorType, GenerationRequest, GenerationResult, Timings, Usage
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The wait queue is full: try again shortly."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was shut down and takes no more work."""
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_running: int = 32
+    max_batch_tokens: int = 262_144
+    max_waiting: int = 256
+    policy: Literal["continuous", "static"] = "continuous"
+
+
+@dataclass
+class _Waiting:
+    handle: RequestHandle
+    submitted_at: float
+    sequence: Sequence | None = None  # built once, when first considered for admission
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        prompts: PromptBuilder,
+        limits: SchedulerLimits,
+        *,
+        default_max_new_tokens: int,
+    ) -> None:
+        self.runner = runner
+        self.prompts = prompts
+        self.limits = limits
+        self.default_max_new_tokens = default_max_new_tokens
+        self._waiting: deque[_Waiting] = deque()
+        self._running: list[tuple[Sequence, RequestHandle]] = []
+        self._state: BatchState | None = None
+        self._by_id: dict[str, RequestHandle] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="glm4v-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- caller side (any thread)
+
+    def submit(self, request: GenerationRequest, *, stream: bool = False) -> RequestHandle:
+        handle = RequestHandle(request, stream=stream, on_cancel=self._wake)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (the limit); retry shortly")
+            self._waiting.append(_Waiting(handle, time.perf_counter()))
+            if request.request_id:
+                self._by_id[request.request_id] = handle
+            self._cond.notify()
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        handle = self._by_id.get(request_id)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # --- the loop (scheduler thread)
+
+    def _loop(self) -> None:
+        try:
+            while (admitted := self._admit()) is not None:
+                if admitted:
+                    self._start(admitted)
+                self._drop_cancelled()
+                if self._running:
+                    self._step()
+        except BaseException:
+            logger.exception("the scheduler stopped unexpectedly")
+            raise
+        finally:
+            self._fail_everything("cancelled", None)
+
+    def _admit(self) -> list[tuple[Sequence, RequestHandle]] | None:
+        """The requests to start now ([] to just keep decoding); None when shutting down."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                self._drop_cancelled_waiting()
+                room = self._rows_free()
+                if self._waiting and room > 0:
+                    break
+                if self._running:
+                    return []
+                self._cond.wait()
+            candidates = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+
+        admitted: list[tuple[Sequence, RequestHandle]] = []
+        reserved = sum(seq.reserved_tokens for seq, _ in self._running)
+        for position, entry in enumerate(candidates):
+            if entry.sequence is None:
+                try:
+                    entry.sequence = self._build(entry)
+                except (PromptError, ValueError) as exc:
+                    self._finish_early(entry, str(exc), "invalid_request")
+                    continue
+            fits = reserved + entry.sequence.reserved_tokens <= self.limits.max_batch_tokens
+            if not fits and (self._running or admitted):
+                with self._cond:  # no room yet: back to the head of the queue, order kept
+                    self._waiting.extendleft(reversed(candidates[position:]))
+                break
+            reserved += entry.sequence.reserved_tokens
+            admitted.append((entry.sequence, entry.handle))
+        return admitted
+
+    def _rows_free(self) -> int:
+        if self.limits.policy == "static" and self._running:
+            return 0
+        return self.limits.max_running - len(self._running)
+
+    def _build(self, entry: _Waiting) -> Sequence:
+        request = entry.handle.request
+        prompt = self.prompts.build(request)
+        max_context = self.runner.loaded.max_context
+        budget = max_context - prompt.num_tokens
+        asked = request.params.max_new_tokens
+        if budget < 1:
+            raise PromptError(
+                f"the prompt is {prompt.num_tokens} tokens, which fills the model's context of {max_context} tokens"
+            )
+        if asked is not None and asked > budget:
+            raise PromptError(
+                f"the prompt is {prompt.num_tokens} tokens and max_new_tokens is {asked}: together they exceed "
+                f"the model's context of {max_context} tokens (at most {budget} new tokens fit)"
+            )
+        loaded = self.runner.loaded
+        return Sequence(
+            request,
+            prompt,
+            max_new_tokens=asked if asked is not None else min(self.default_max_new_tokens, budget),
+            tokenizer=loaded.tokenizer,
+            eos_token_ids=loaded.eos_token_ids,
+            device=loaded.device,
+            submitted_at=entry.submitted_at,
+        )
+
+    def _start(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
+        """Prefill the new rows, sample their first tokens, and join them to the running batch."""
+        try:
+            state = self._prefill(admitted)
+        except Exception as batch_error:
+            logger.exception("prefill of %d new requests failed", len(admitted))
+            if len(admitted) == 1:
+                self._finish_failed(admitted, batch_error)
+                return
+            for one in admitted:  # find the request that breaks it; the others still run
+                self._start([one])
+            return
+        if self._state is None:
+            self._state = state
+        else:
+            self._state.merge(state)
+        self._running.extend(admitted)
+        self._prune()
+
+    def _prefill(self, admitted: list[tuple[Sequence, RequestHandle]]) -> BatchState:
+        started = time.perf_counter()
+        for seq, _ in admitted:
+            seq.started_at = started
+        state, logits = self.runner.prefill([seq.prompt for seq, _ in admitted])
+        done = time.perf_counter()
+        for seq, _ in admitted:
+            seq.prefill_done_at = done
+        self._sample(admitted, logits)
+        return state
+
+    def _step(self) -> None:
+        try:
+            logits = self.runner.decode(self._state, [seq.output_ids[-1] for seq, _ in self._running])
+        except Exception as exc:
+            logger.exception("a decode step of %d rows failed", len(self._running))
+            self._fail_everything("error", exc)
+            return
+        self._sample(self._running, logits)
+        self._prune()
+
+    def _sample(self, rows: list[tuple[Sequence, RequestHandle]], logits) -> None:
+        tokens = sample_next_tokens(logits, [seq for seq, _ in rows])
+        for (seq, handle), token in zip(rows, tokens, strict=True):
+            seq.append(token)
+            handle.emit(seq.take_delta())
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [seq for seq, handle in self._running if handle.cancelled and not seq.finished]
+        for seq in cancelled:
+            seq.cancel()
+        if cancelled:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Finished rows leave the batch at once and their callers get their results."""
+        keep = [row for row, (seq, _) in enumerate(self._running) if not seq.finished]
+        if len(keep) == len(self._running):
+            return
+        for seq, handle in self._running:
+            if seq.finished:
+                self._deliver(seq, handle)
+        self._running = [self._running[row] for row in keep]
+        if not keep:
+            self._state = None
+        else:
+            self._state.select(keep)
+
+    def _deliver(self, seq: Sequence, handle: RequestHandle) -> None:
+        handle.emit(seq.take_delta())
+        handle.finish(seq.result())
+        self._forget(handle)
+
+    def _drop_cancelled_waiting(self) -> None:
+        if any(entry.handle.cancelled for entry in self._waiting):
+            for entry in [e for e in self._waiting if e.handle.cancelled]:
+                self._waiting.remove(entry)
+                self._finish_early(entry, None, None)
+
+    def _finish_early(self, entry: _Waiting, error: str | None, error_type: ErrorType | None) -> None:
+        """A request that never ran: refused (error) or cancelled while waiting."""
+        elapsed = time.perf_counter() - entry.submitted_at
+        entry.handle.finish(
+            GenerationResult(
+                request_id=entry.handle.request_id,
+                text="",
+                thinking="",
+                answer="",
+                finish_reason="error" if error else "cancelled",
+                error=error,
+                error_type=error_type,
+                usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+                timings=Timings(queue_s=elapsed, prefill_s=0.0, decode_s=0.0, total_s=elapsed),
+            )
+        )
+        self._forget(entry.handle)
+
+    def _finish_failed(self, rows: list[tuple[Sequence, RequestHandle]], error: BaseException) -> None:
+        for seq, handle in rows:
+            message = f"generation failed on the server ({type(error).__name__})"
+            handle.finish(
+                seq.result().model_copy(update={"finish_reason": "error", "error": message, "error_type": "internal"})
+            )
+            self._forget(handle)
+
+    def _fail_everything(self, reason: Literal["cancelled", "error"], error: BaseException | None) -> None:
+        """End every running row (a failed step, or shutdown) and, on shutdown, every waiting one."""
+        running, self._running, self._state = self._running, [], None
+        if reason == "error":
+            self._finish_failed(running, error or RuntimeError())
+            return
+        for seq, handle in running:
+            seq.cancel()
+            self._deliver(seq, handle)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for entry in waiting:
+            self._finish_early(entry, None, None)
+
+    def _forget(self, handle: RequestHandle) -> None:
+        with self._cond:
+            if handle.request_id and self._by_id.get(handle.request_id) is handle:
+                del self._by_id[handle.request_id]

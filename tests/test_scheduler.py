@@ -1,0 +1,177 @@
+"""Continuous batching: admission between steps, early exits, cancellation, bounds, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import make_image
+
+from glm4v_bento.engine import (
+    Engine,
+    Finished,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+    SchedulerLimits,
+    TextDelta,
+)
+
+
+def request(prompt: str, tokens: int, image_size: int | None = None, **params) -> GenerationRequest:
+    images = [make_image(image_size, image_size)] if image_size else []
+    return GenerationRequest(
+        prompt, images=images, params=SamplingParams(max_new_tokens=tokens, ignore_eos=True, **params)
+    )
+
+
+@pytest.fixture
+def make_engine(loaded_model):
+    engines = []
+
+    def make(**limits) -> Engine:
+        engine = Engine(loaded_model, default_max_new_tokens=32, limits=SchedulerLimits(**limits))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
+
+
+def test_short_request_admitted_while_a_long_one_runs_finishes_first(make_engine):
+    engine = make_engine()
+    long = engine.submit(request("long story", 1500))
+    wait_until(lambda: engine.running == 1)
+    short = engine.submit(request("quick question", 10, image_size=56))
+    short_result = short.result(timeout=60)
+    assert not long.done, "the short request had to wait for the long one"
+    assert short_result.usage.completion_tokens == 10
+    assert long.result(timeout=120).usage.completion_tokens == 1500
+
+
+def test_static_policy_makes_the_short_request_wait(make_engine):
+    engine = make_engine(policy="static")
+    long = engine.submit(request("long story", 300))
+    wait_until(lambda: engine.running == 1)
+    short = engine.submit(request("quick question", 10))
+    short_result = short.result(timeout=60)
+    assert long.done  # admitted only once the batch had emptied
+    assert short_result.timings.queue_s > 0
+
+
+def test_greedy_output_is_the_same_under_continuous_admission(make_engine, engine):
+    requests = [request(f"q{i}", 40 + 7 * i, image_size=28 + 14 * i) for i in range(5)]
+    solo = [engine.generate([r])[0].text for r in requests]
+    staggered = make_engine()
+    handles = []
+    for r in requests:  # each joins a batch that is already running
+        handles.append(staggered.submit(r))
+        wait_until(lambda: staggered.running >= 1 or all(h.done for h in handles))
+        time.sleep(0.01)
+    assert [h.result(timeout=60).text for h in handles] == solo
+
+
+def test_cancelling_a_running_request_frees_its_slot(make_engine):
+    engine = make_engine(max_running=1)
+    first = engine.submit(request("occupy the only slot", 6000))
+    wait_until(lambda: engine.running == 1)
+    second = engine.submit(request("waits for the slot", 5))
+    time.sleep(0.05)
+    assert engine.queue_depth == 1 and not second.done
+    first.cancel()
+    assert second.result(timeout=30).usage.completion_tokens == 5
+    cancelled = first.result(timeout=30)
+    assert cancelled.finish_reason == "cancelled"
+    assert 0 < cancelled.usage.completion_tokens < 6000
+
+
+def test_cancel_by_request_id_and_while_waiting(make_engine):
+    engine = make_engine(max_running=1)
+    blocker = engine.submit(request("blocker", 4000))
+    wait_until(lambda: engine.running == 1)
+    queued = engine.submit(GenerationRequest("queued", params=SamplingParams(max_new_tokens=5), request_id="r-42"))
+    assert engine.cancel("r-42") is True
+    assert queued.result(timeout=30).finish_reason == "cancelled"
+    assert engine.cancel("r-42") is False  # forgotten once finished
+    blocker.cancel()
+    assert blocker.result(timeout=30).finish_reason == "cancelled"
+
+
+def test_a_full_queue_refuses_at_once(make_engine):
+    engine = make_engine(max_running=1, max_waiting=2)
+    blocker = engine.submit(request("blocker", 4000))
+    wait_until(lambda: engine.running == 1)
+    engine.submit(request("a", 2))
+    engine.submit(request("b", 2))
+    started = time.monotonic()
+    with pytest.raises(QueueFullError, match="retry"):
+        engine.submit(request("c", 2))
+    assert time.monotonic() - started < 1.0
+    blocker.cancel()
+
+
+def test_token_budget_holds_back_requests_that_do_not_fit(make_engine):
+    engine = make_engine(max_batch_tokens=700)
+    first = engine.submit(request("first", 600))
+    wait_until(lambda: engine.running == 1)
+    second = engine.submit(request("second", 600))
+    time.sleep(0.05)
+    assert engine.running == 1 and engine.queue_depth == 1
+    assert first.result(timeout=60).finish_reason == "length"
+    assert second.result(timeout=60).finish_reason == "length"
+    assert second.result().timings.queue_s > 0
+
+
+def test_stream_events_arrive_in_order_and_add_up_to_the_result(make_engine):
+    engine = make_engine()
+
+    async def consume():
+        handle = engine.submit(request("tell me", 60, image_size=56, stop=["zzz-never"]), stream=True)
+        events = [event async for event in handle.events()]
+        return events
+
+    events = asyncio.run(consume())
+    assert isinstance(events[-1], Finished)
+    assert all(isinstance(e, TextDelta) for e in events[:-1])
+    assert len(events) > 10  # really streamed, not one lump at the end
+    assert "".join(e.text for e in events[:-1]) == events[-1].result.text
+
+
+def test_stream_holds_back_a_stop_string(make_engine, engine):
+    full = engine.generate([request("tell me", 40)])[0].text
+    stop = full[10:13]
+    cut = full[: full.find(stop)]
+    streamer = make_engine()
+
+    async def consume():
+        handle = streamer.submit(request("tell me", 40, stop=[stop]), stream=True)
+        return [event async for event in handle.events()]
+
+    events = asyncio.run(consume())
+    streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert streamed == cut == events[-1].result.text
+    assert events[-1].result.finish_reason == "stop"
+
+
+def test_leaving_a_stream_early_cancels_the_request(make_engine):
+    engine = make_engine()
+
+    async def consume_a_little():
+        handle = engine.submit(request("long", 5000), stream=True)
+        async for event in handle.events():
+            if isinstance(event, TextDelta):
+                break  # the client went away
+        return handle
+
+    handle = asyncio.run(consume_a_little())
+    assert handle.result(timeout=30).finish_reason == "cancelled"
+    wait_until(lambda: engine.running == 0)
