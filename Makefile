@@ -60,6 +60,7 @@ container-test: $(BIN)/.installed
 
 bench: $(TINY)/config.json
 	$(BIN)/python bench/engine_bench.py --model $(TINY) --output docs/benchmarks.md
+	$(BIN)/python bench/scheduler_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/service_bench.py --model $(TINY) --output docs/benchmarks.md
 
 bento: $(BIN)/.installed

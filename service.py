@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from glm4v_bento import bentoml_fixes
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
 from glm4v_bento.engine import QueueFullError, SamplingParams
@@ -49,10 +50,9 @@ from glm4v_bento.schemas import (
 from glm4v_bento.serving import ModelHost, now_iso
 from glm4v_bento.streaming import MEDIA_TYPE as STREAM_MEDIA_TYPE
 from glm4v_bento.streaming import ndjson_events
-from glm4v_bento.upload_fields import install as refuse_urls_in_file_fields
 
 settings = settings_inside_bento(get_settings(), Path(__file__).resolve().parent)
-refuse_urls_in_file_fields()
+bentoml_fixes.install()
 source = ModelSource.from_settings(settings)
 
 
@@ -142,18 +142,26 @@ class GLM4V:
         return client
 
     async def _through_batcher(self, items: list[BatchItem]) -> list[BatchOutcome]:
-        client = self._self_client()
+        """Hand items to the adaptive batcher; wait here for their results."""
+        claims = [self.host.claim(item.request_id) for item in items]
         try:
-            outcomes = await client.generate_batch(items)
+            try:
+                outcomes = await self._self_client().generate_batch(items)
+            except BentoMLException as exc:
+                status = exc.error_code.value
+                message = "the server is overloaded; retry shortly" if status == 503 else str(exc)
+                return [BatchOutcome(request_id=i.request_id, status=status, error=message) for i in items]
+            outcomes = [BatchOutcome.model_validate(o) if isinstance(o, dict) else o for o in outcomes]
+            return list(
+                await asyncio.gather(*(self.host.result_of(o, c) for o, c in zip(outcomes, claims, strict=True)))
+            )
         except asyncio.CancelledError:  # timed out or the client left: stop the generations now
             for item in items:
                 self.host.cancel(item.request_id)
             raise
-        except BentoMLException as exc:
-            status = exc.error_code.value
-            message = "the server is overloaded; retry shortly" if status == 503 else str(exc)
-            return [BatchOutcome(request_id=i.request_id, status=status, error=message) for i in items]
-        return [BatchOutcome.model_validate(o) if isinstance(o, dict) else o for o in outcomes]
+        finally:
+            for item in items:
+                self.host.release(item.request_id)
 
     def _model_brief(self) -> tuple[str, str]:
         engine = self.host.engine

@@ -1,7 +1,9 @@
 """Service throughput: requests/s and latency through the real `bentoml serve`, batching on vs off.
 
-Starts the service twice on the same model: with adaptive batching (the default) and
-without (GLM4V_ADAPTIVE_BATCHING=false: each request runs alone). At each concurrency,
+Starts the service on the same model in three set-ups: no batching at all (BentoML's adaptive
+batching off and one row at a time in the engine: each request runs alone), BentoML's
+adaptive batching over the static engine batcher, and the default (adaptive batching over the
+continuous scheduler). At each concurrency,
 that many closed-loop clients send /v1/vision/inference requests back to back (one image,
 greedy, exactly --max-tokens new tokens). The table goes to stdout and, with --output,
 into a marked section of a Markdown file.
@@ -73,15 +75,21 @@ async def measure(url: str, concurrency: int, requests_per_client: int, tokens: 
     }
 
 
-def run_server(model: str, batching: bool, args: argparse.Namespace) -> list[dict]:
+SETUPS = {
+    "off": {"GLM4V_ADAPTIVE_BATCHING": "false", "GLM4V_MAX_RUNNING": "1"},
+    "adaptive + static engine": {"GLM4V_SCHEDULER": "static"},
+    "adaptive + continuous (default)": {},
+}
+
+
+def run_server(model: str, setup: str, args: argparse.Namespace) -> list[dict]:
     log = Path(tempfile.mkdtemp()) / "serve.log"
-    env = {"GLM4V_ADAPTIVE_BATCHING": "true" if batching else "false", "GLM4V_MAX_CONCURRENCY": "256"}
-    server = Server(model, log, **env)
+    server = Server(model, log, GLM4V_MAX_CONCURRENCY="256", **SETUPS[setup])
     try:
         server.wait_ready()
         rows = []
         for concurrency in args.concurrency:
-            print(f"# batching {'on' if batching else 'off'}, concurrency {concurrency} ...", file=sys.stderr)
+            print(f"# {setup}, concurrency {concurrency} ...", file=sys.stderr)
             per_client = max(2, args.requests // concurrency)
             rows.append(asyncio.run(measure(server.url, concurrency, per_client, args.max_tokens)))
         return rows
@@ -89,25 +97,26 @@ def run_server(model: str, batching: bool, args: argparse.Namespace) -> list[dic
         server.stop()
 
 
-def render(on: list[dict], off: list[dict], args: argparse.Namespace) -> str:
+def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     lines = [
         f"<!-- {SECTION}:start -->",
-        "## Service throughput: adaptive batching on vs off",
+        "## Service throughput: batching on vs off",
         "",
         f"`bench/service_bench.py`, {date.today().isoformat()}, model `{args.model}`, through `bentoml serve` "
         f"on this machine ({args.machine}). Each request: one 64x48 image, greedy, exactly {args.max_tokens} "
         "new tokens; closed-loop clients (each sends its next request when the last one returns). "
-        "Off = `GLM4V_ADAPTIVE_BATCHING=false` (each request runs alone).",
+        "Off = no batching anywhere (`GLM4V_ADAPTIVE_BATCHING=false GLM4V_MAX_RUNNING=1`: each request "
+        "runs alone); the ratio compares each set-up with off at the same concurrency.",
         "",
-        "| concurrency | batching | requests/s | p50 latency (s) | p95 latency (s) | on/off requests/s |",
+        "| concurrency | set-up | requests/s | p50 latency (s) | p95 latency (s) | vs off |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for row_on, row_off in zip(on, off, strict=True):
-        ratio = row_on["rps"] / row_off["rps"]
-        for label, row in (("off", row_off), ("on", row_on)):
+    for level, baseline in enumerate(results["off"]):
+        for setup, rows in results.items():
+            row = rows[level]
             lines.append(
-                f"| {row['concurrency']} | {label} | {row['rps']:.1f} | {row['p50']:.3f} | {row['p95']:.3f} | "
-                + (f"{ratio:.1f}x |" if label == "on" else " |")
+                f"| {row['concurrency']} | {setup} | {row['rps']:.1f} | {row['p50']:.3f} | {row['p95']:.3f} | "
+                f"{row['rps'] / baseline['rps']:.1f}x |"
             )
     lines.append(f"<!-- {SECTION}:end -->")
     return "\n".join(lines) + "\n"
@@ -122,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     args.machine = cpu_name()
-    off = run_server(args.model, False, args)
-    on = run_server(args.model, True, args)
-    section = render(on, off, args)
+    results = {setup: run_server(args.model, setup, args) for setup in SETUPS}
+    section = render(results, args)
     print(section)
     if args.output:
         write_section(args.output, section, SECTION)

@@ -52,6 +52,7 @@ class ModelHost:
         self.engine: Engine | None = None
         self.model_path: str | None = None
         self.error: str | None = None
+        self._claims: dict[str, asyncio.Future[RequestHandle]] = {}
         self._ready = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(resolve_path,), name="glm4v-loader", daemon=True)
         self._loader.start()
@@ -104,24 +105,54 @@ class ModelHost:
         if self.engine is None:
             return [BatchOutcome(request_id=i.request_id, status=503, error=self.not_ready_message()) for i in items]
         outcomes: list[BatchOutcome | None] = [None] * len(items)
-        handles: list[tuple[int, RequestHandle]] = []
+        requests: list[tuple[int, GenerationRequest]] = []
+        for index, item in enumerate(items):
+            try:
+                requests.append((index, self.to_request(item.request_id, _decode_base64(item.images_b64), item)))
+            except ImageError as exc:
+                outcomes[index] = BatchOutcome(
+                    request_id=item.request_id, status=image_error_status(exc), error=str(exc)
+                )
+        # Submitted in one go, so that they can start in the same step.
+        submitted = self.engine.submit_many([request for _, request in requests])
+        handles = [
+            (index, h) for (index, _), h in zip(requests, submitted, strict=True) if isinstance(h, RequestHandle)
+        ]
+        for (index, _), refused in zip(requests, submitted, strict=True):
+            if isinstance(refused, QueueFullError):
+                outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=429, error=str(refused))
         try:
-            for index, item in enumerate(items):
-                try:
-                    request = self.to_request(item.request_id, _decode_base64(item.images_b64), item)
-                    handles.append((index, self.engine.submit(request)))
-                except ImageError as exc:
-                    status = image_error_status(exc)
-                    outcomes[index] = BatchOutcome(request_id=item.request_id, status=status, error=str(exc))
-                except QueueFullError as exc:
-                    outcomes[index] = BatchOutcome(request_id=item.request_id, status=429, error=str(exc))
             for index, handle in handles:
-                outcomes[index] = _outcome(items[index].request_id, await handle.wait())
+                claim = self._claims.get(items[index].request_id)
+                if claim is not None and not claim.done():
+                    # An in-process caller waits for this one itself: hand it over and move on, so
+                    # the batcher is free to pass on the next batch while this one generates.
+                    claim.set_result(handle)
+                    outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=202)
+                else:
+                    outcomes[index] = _outcome(items[index].request_id, await handle.wait())
         except asyncio.CancelledError:  # the callers gave up: stop their generations
             for _, handle in handles:
                 handle.cancel()
             raise
         return [o for o in outcomes if o is not None]
+
+    def claim(self, request_id: str) -> asyncio.Future[RequestHandle]:
+        """Announce that this process will wait for ``request_id`` itself (see ``run_batch``).
+        Call ``release`` when done."""
+        future: asyncio.Future[RequestHandle] = asyncio.get_running_loop().create_future()
+        self._claims[request_id] = future
+        return future
+
+    def release(self, request_id: str) -> None:
+        self._claims.pop(request_id, None)
+
+    async def result_of(self, outcome: BatchOutcome, claim: asyncio.Future[RequestHandle]) -> BatchOutcome:
+        """The final outcome of a batched item: as the batcher answered it, or, when the batcher
+        handed it over (202), once its generation is done."""
+        if outcome.status != 202:
+            return outcome
+        return _outcome(outcome.request_id, await (await claim).wait())
 
     def to_request(self, request_id: str, images: list[bytes], item: BatchItem) -> GenerationRequest:
         """Decode the images (within the limits) and form the engine request."""

@@ -26,3 +26,13 @@ def test_engine_bench_writes_its_section_and_keeps_the_rest(tiny_model_dir, tmp_
     assert "kept paragraph" in text
     assert text.count("## Engine throughput") == 1
     assert "| 2 |" in text
+
+
+def test_scheduler_bench_runs_both_policies(tiny_model_dir, tmp_path):
+    bench = _load("scheduler_bench")
+    output = tmp_path / "benchmarks.md"
+    args = ["--model", str(tiny_model_dir), "--long-requests", "2", "--long-tokens", "20"]
+    args += ["--short-requests", "3", "--short-tokens", "2", "--interval-ms", "1", "--output", str(output)]
+    assert bench.main(args) == 0
+    text = output.read_text()
+    assert "| static |" in text and "| continuous |" in text and "Continuous p50 / static p50" in text

@@ -77,3 +77,8 @@ def test_bentoml_client_example(demo):
 def test_async_concurrent_example(demo):
     out = run(PYTHON, str(EXAMPLES / "async_concurrent_client.py"), demo[0], "8")
     assert "8 requests in" in out and "statuses [200]" in out
+
+
+def test_stream_example(demo):
+    out = run(PYTHON, str(EXAMPLES / "stream_client.py"), demo[0])
+    assert "usage:" in out and ("[length]" in out or "[stop]" in out)

@@ -14,7 +14,7 @@ from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.loader import LoadedModel, load_model
 from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
-from glm4v_bento.engine.scheduler import Scheduler, SchedulerLimits
+from glm4v_bento.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits
 from glm4v_bento.engine.types import GenerationRequest, GenerationResult
 
 
@@ -67,6 +67,10 @@ class Engine:
         """Queue one request. Raises QueueFullError when the wait queue is full."""
         return self.scheduler.submit(request, stream=stream)
 
+    def submit_many(self, requests: list[GenerationRequest]) -> list[RequestHandle | QueueFullError]:
+        """Queue several requests together; each gets a handle or the QueueFullError that refused it."""
+        return self.scheduler.submit_many(requests)
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run ``requests`` (admitted together when there is room) and return their results in order."""
         return [handle.result() for handle in self._submit_all(requests)]
@@ -85,15 +89,14 @@ class Engine:
         return self.scheduler.cancel(request_id)
 
     def _submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
-        handles: list[RequestHandle] = []
-        try:
-            for request in requests:
-                handles.append(self.submit(request))
-        except Exception:
-            for handle in handles:  # all or nothing: do not leave half a batch running
-                handle.cancel()
-            raise
-        return handles
+        outcomes = self.scheduler.submit_many(requests)
+        refused = [o for o in outcomes if isinstance(o, QueueFullError)]
+        if refused:
+            for outcome in outcomes:  # all or nothing: do not leave half a batch running
+                if isinstance(outcome, RequestHandle):
+                    outcome.cancel()
+            raise refused[0]
+        return outcomes
 
     @property
     def queue_depth(self) -> int:

@@ -78,17 +78,35 @@ class Scheduler:
     # --- caller side (any thread)
 
     def submit(self, request: GenerationRequest, *, stream: bool = False) -> RequestHandle:
-        handle = RequestHandle(request, stream=stream, on_cancel=self._wake)
+        [outcome] = self.submit_many([request], stream=stream)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def submit_many(
+        self, requests: list[GenerationRequest], *, stream: bool = False
+    ) -> list[RequestHandle | QueueFullError]:
+        """Queue several requests at once, so they can start in the same step.
+        Each gets a handle, or a QueueFullError if the wait queue had no room left for it."""
+        outcomes: list[RequestHandle | QueueFullError] = []
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
-            if len(self._waiting) >= self.limits.max_waiting:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (the limit); retry shortly")
-            self._waiting.append(_Waiting(handle, time.perf_counter()))
-            if request.request_id:
-                self._by_id[request.request_id] = handle
+            now = time.perf_counter()
+            for request in requests:
+                if len(self._waiting) >= self.limits.max_waiting:
+                    waiting = len(self._waiting)
+                    outcomes.append(
+                        QueueFullError(f"{waiting} requests are already waiting (the limit); retry shortly")
+                    )
+                    continue
+                handle = RequestHandle(request, stream=stream, on_cancel=self._wake)
+                self._waiting.append(_Waiting(handle, now))
+                if request.request_id:
+                    self._by_id[request.request_id] = handle
+                outcomes.append(handle)
             self._cond.notify()
-        return handle
+        return outcomes
 
     def cancel(self, request_id: str) -> bool:
         handle = self._by_id.get(request_id)

@@ -1,0 +1,75 @@
+"""Two fixes to BentoML (1.4) behaviour, installed once when the service module loads.
+
+1. File fields take uploaded files only. BentoML's multipart parser treats a *text* value
+   in a file field as a URL and downloads it (on this stack its address guard even fails
+   with a 500). A server that fetches URLs named by clients is a surprise at best and a way
+   into internal networks at worst, so such a value is refused with a 400 saying what to send.
+2. Root models (such as the batcher's list of items) regenerate their JSON schema on every
+   request, when parsing the input and again when choosing the response's media type; under
+   load that was about a quarter of the server's CPU. A type's schema never changes, so it is
+   generated once per type and copied out.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails
+from starlette.datastructures import UploadFile
+
+
+def install() -> None:
+    _refuse_text_in_file_fields()
+    _cache_root_model_schemas()
+
+
+def _cache_root_model_schemas() -> None:
+    from _bentoml_sdk.io_models import IORootModel
+
+    if getattr(IORootModel, "_glm4v_fixed", False):
+        return
+    generate = IORootModel.model_json_schema.__func__
+    cache: dict[tuple, dict[str, Any]] = {}
+
+    def model_json_schema(cls: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = generate(cls, *args, **kwargs)
+        return copy.deepcopy(cache[key])  # callers may edit what they get
+
+    IORootModel.model_json_schema = classmethod(model_json_schema)
+    IORootModel._glm4v_fixed = True
+
+
+def _refuse_text_in_file_fields() -> None:
+    """Replace BentoML's multipart parser with one that refuses non-file values in file fields."""
+    from _bentoml_impl import serde
+
+    if getattr(serde.ALL_SERDE["multipart/form-data"], "_uploads_only", False):
+        return
+
+    class UploadsOnlyMultipartSerde(serde.MultipartSerde):
+        _uploads_only = True
+
+        async def parse_request(self, request: Any, cls: Any) -> Any:
+            form = await request.form()  # Starlette caches it; the parent reads the same form
+            errors: list[InitErrorDetails] = [
+                {
+                    "type": "value_error",
+                    "loc": (field, index),
+                    "input": "(text)",
+                    "ctx": {"error": ValueError("must be an uploaded file (multipart file part), not a text value")},
+                }
+                for field in cls.multipart_fields
+                for index, value in enumerate(form.getlist(field))
+                if not isinstance(value, UploadFile)
+            ]
+            if errors:
+                raise ValidationError.from_exception_data("Input", errors)
+            return await super().parse_request(request, cls)
+
+    for media_type, parser in list(serde.ALL_SERDE.items()):
+        if parser is serde.MultipartSerde:
+            serde.ALL_SERDE[media_type] = UploadsOnlyMultipartSerde

@@ -1,0 +1,26 @@
+"""The BentoML fixes: root-model schemas are generated once and handed out as copies."""
+
+from __future__ import annotations
+
+from glm4v_bento import bentoml_fixes
+
+
+def test_root_model_schema_is_cached_and_copied(monkeypatch):
+    from _bentoml_sdk.io_models import IORootModel, ensure_io_descriptor
+    from pydantic import TypeAdapter
+
+    from glm4v_bento.schemas import BatchItem
+
+    bentoml_fixes.install()
+    cls = ensure_io_descriptor(list[BatchItem])  # what BentoML builds for the batcher's input
+    assert issubclass(cls, IORootModel)
+    first = cls.model_json_schema()
+    calls = []
+    original = TypeAdapter.json_schema
+    monkeypatch.setattr(TypeAdapter, "json_schema", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    second = cls.model_json_schema()
+    assert second == first and second is not first  # same content, a fresh copy
+    assert calls == []  # not generated again
+    second["mutated"] = True
+    assert "mutated" not in cls.model_json_schema()
+    assert cls.model_validate_json(b'[{"request_id": "a"}]').root[0].request_id == "a"
