@@ -29,6 +29,7 @@ from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
 from glm4v_bento.engine import QueueFullError, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
+from glm4v_bento.image_urls import URLPolicy
 from glm4v_bento.model_source import ModelSource
 from glm4v_bento.native_api import (
     ApiError,
@@ -37,6 +38,7 @@ from glm4v_bento.native_api import (
     read_image_upload,
     to_batch_item,
 )
+from glm4v_bento.openai_api import create_routes as openai_routes
 from glm4v_bento.schemas import (
     DEFAULT_PROMPT,
     BatchInferenceRequest,
@@ -82,11 +84,27 @@ async def _model_info(_: Request) -> JSONResponse:
     return JSONResponse(service.host.model_info())
 
 
-# GET routes of the tutorial's API (BentoML APIs are POST-only).
-probes = Starlette(routes=[Route("/health", _health), Route("/model/info", _model_info)])
+def _host() -> ModelHost:
+    return bentoml.get_current_service().host
 
 
-@bentoml.asgi_app(probes, path="/")
+# Routes BentoML APIs cannot express: the tutorial's GET routes (BentoML APIs are POST-only)
+# and the OpenAI-compatible API (its own request/response and error shapes).
+url_policy = URLPolicy(
+    allowed_hosts=frozenset(settings.image_url_allowed_hosts),
+    max_bytes=settings.max_image_bytes,
+    timeout_s=settings.image_url_timeout_s,
+)
+extra_routes = Starlette(
+    routes=[
+        Route("/health", _health),
+        Route("/model/info", _model_info),
+        *openai_routes(_host, settings.served_model_name or source.ref, url_policy),
+    ]
+)
+
+
+@bentoml.asgi_app(extra_routes, path="/")
 @bentoml.service(
     name="glm4v",
     resources={"gpu": 1, "gpu_type": settings.gpu_type},

@@ -73,7 +73,7 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
     base = rows[0]["tokens_per_s"]
     lines = [
         f"<!-- {SECTION}:start -->",
-        "## Engine throughput (static batch)",
+        "## Engine throughput: requests submitted together",
         "",
         f"`bench/engine_bench.py`, {date.today().isoformat()}. {machine}.",
         f"Each request: one image + short prompt, greedy, exactly {args.max_new_tokens} new tokens "

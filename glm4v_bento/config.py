@@ -7,10 +7,10 @@ Each field is read from the environment variable ``GLM4V_<FIELD NAME IN CAPITALS
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "zai-org/GLM-4.1V-9B-Thinking"
 
@@ -79,6 +79,23 @@ class Settings(BaseSettings):
         262_144, ge=1, description="KV-cache room the running requests may reserve (prompt + max_new_tokens each)."
     )
     max_queue: int = Field(256, ge=0, description="Requests waiting for a place; more are refused at once (429).")
+
+    # --- OpenAI-compatible API
+    served_model_name: str | None = Field(
+        None, description="The model name /v1/models reports and requests must use; default: GLM4V_MODEL."
+    )
+    image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs may be fetched (comma-separated); none by default.",
+    )
+    image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit for fetching one image URL.")
+
+    @field_validator("image_url_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip().lower() for host in value.split(",") if host.strip()]
+        return value
 
     # --- image limits (checked before the model sees anything)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted encoded image, in bytes.")

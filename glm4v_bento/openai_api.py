@@ -1,0 +1,233 @@
+"""OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+The thinking goes to ``reasoning_content`` and the answer to ``content`` (box markers
+removed), streamed or not; requests run on the same scheduler as the native APIs. Errors
+use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from glm4v_bento.engine import (
+    Finished,
+    GenerationRequest,
+    GenerationResult,
+    OutputParser,
+    QueueFullError,
+    RequestHandle,
+    SamplingParams,
+    Turn,
+)
+from glm4v_bento.image_urls import ImageURLError, URLPolicy, image_bytes
+from glm4v_bento.images import ImageError, load_image
+from glm4v_bento.openai_schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionUsage,
+    ImagePart,
+    Message,
+    ResponseMessage,
+)
+from glm4v_bento.serving import ModelHost, image_error_status
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        if self.status == 429:
+            return "rate_limit_error"
+        return "invalid_request_error" if self.status < 500 else "server_error"
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        headers = {"Retry-After": "5"} if self.status in (429, 503) else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def create_routes(get_host: Callable[[], ModelHost], served_model: str, url_policy: URLPolicy) -> list[Route]:
+    async def list_models(_: Request) -> Response:
+        created = int(time.time())
+        model = {"id": served_model, "object": "model", "created": created, "owned_by": "glm4v-bento"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def chat_completions(request: Request) -> Response:
+        host = get_host()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            body = await _parse(request)
+            if body.model != served_model:
+                raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves {served_model!r}",
+                                  "model", "model_not_found")  # fmt: skip
+            if not host.ready or host.engine is None:
+                raise OpenAIError(503, host.not_ready_message(), code="model_not_ready")
+            generation = await _to_generation_request(body, host, url_policy, completion_id)
+            try:
+                handle = host.engine.submit(generation, stream=body.stream)
+            except QueueFullError as exc:
+                raise OpenAIError(429, str(exc), code="queue_full") from None
+        except OpenAIError as exc:
+            return exc.response()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _sse_events(handle, completion_id, served_model, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        result = await handle.wait()
+        if result.finish_reason not in ("stop", "length"):
+            return _failure(result).response()
+        completion = ChatCompletion(
+            id=completion_id,
+            created=int(time.time()),
+            model=served_model,
+            choices=[
+                Choice(
+                    message=ResponseMessage(content=result.answer, reasoning_content=result.thinking or None),
+                    finish_reason=result.finish_reason,
+                )
+            ],
+            usage=CompletionUsage(**result.usage.model_dump()),
+        )
+        return JSONResponse(completion.model_dump())
+
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+
+
+async def _parse(request: Request) -> ChatCompletionRequest:
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OpenAIError(400, "the request body is not valid JSON") from None
+    try:
+        body = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"])
+        raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
+    if body.n != 1:
+        raise OpenAIError(400, "only n=1 is supported", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise OpenAIError(400, f"{name} is not supported (use repetition_penalty)", name)
+    return body
+
+
+async def _to_generation_request(
+    body: ChatCompletionRequest, host: ModelHost, policy: URLPolicy, request_id: str
+) -> GenerationRequest:
+    system = "\n".join(_text(m) for m in body.messages if m.role == "system") or None
+    turns = [(i, m) for i, m in enumerate(body.messages) if m.role != "system"]
+    if not turns or turns[-1][1].role != "user":
+        raise OpenAIError(400, "the last message must come from the user", "messages")
+    history = []
+    for index, message in turns[:-1]:
+        images = await _images(message, index, host, policy)
+        if images and message.role == "assistant":
+            raise OpenAIError(400, "assistant messages cannot carry images", f"messages.{index}.content")
+        history.append(Turn(message.role, _text(message), images))
+    last_index, last = turns[-1]
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    try:
+        params = SamplingParams(
+            max_new_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature or 0.0,
+            top_p=body.top_p or 1.0,
+            top_k=body.top_k or 0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            seed=body.seed,
+            stop=stop,
+            ignore_eos=body.ignore_eos,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise OpenAIError(400, f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
+    return GenerationRequest(
+        prompt=_text(last),
+        images=await _images(last, last_index, host, policy),
+        system=system,
+        history=history,
+        params=params,
+        request_id=request_id,
+    )
+
+
+def _text(message: Message) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    return "\n".join(part.text for part in message.content if not isinstance(part, ImagePart))
+
+
+async def _images(message: Message, index: int, host: ModelHost, policy: URLPolicy) -> list[Any]:
+    if not isinstance(message.content, list):
+        return []
+    images = []
+    for number, part in enumerate(message.content):
+        if not isinstance(part, ImagePart):
+            continue
+        param = f"messages.{index}.content.{number}.image_url"
+        try:
+            data = await image_bytes(part.image_url.url, policy)
+            images.append(await anyio.to_thread.run_sync(load_image, data, host.limits))
+        except ImageURLError as exc:
+            raise OpenAIError(400, str(exc), param, "invalid_image_url") from None
+        except ImageError as exc:
+            raise OpenAIError(image_error_status(exc), str(exc), param, "invalid_image") from None
+    return images
+
+
+def _failure(result: GenerationResult) -> OpenAIError:
+    if result.finish_reason == "error" and result.error_type == "invalid_request":
+        return OpenAIError(400, result.error or "invalid request")
+    if result.finish_reason == "cancelled":
+        return OpenAIError(503, "the request was cancelled (the server is shutting down or overloaded)")
+    return OpenAIError(500, result.error or "generation failed")
+
+
+def _chunk(completion_id: str, model: str, created: int, **choice: Any) -> str:
+    usage = choice.pop("usage", None)
+    choices = [ChunkChoice(**choice)] if choice else []
+    chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage)
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def _sse_events(handle: RequestHandle, completion_id: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+    """role first; reasoning_content pieces; content pieces; finish_reason; usage (if asked); [DONE]."""
+    created = int(time.time())
+    parser = OutputParser()
+    yield _chunk(completion_id, model, created, delta=ChunkDelta(role="assistant", content=""))
+    async for event in handle.events():
+        deltas = parser.finish() if isinstance(event, Finished) else parser.feed(event.text)
+        for delta in deltas:
+            piece = {"reasoning_content": delta.text} if delta.part == "thinking" else {"content": delta.text}
+            yield _chunk(completion_id, model, created, delta=ChunkDelta(**piece))
+        if isinstance(event, Finished):
+            result = event.result
+            if result.finish_reason in ("stop", "length"):
+                yield _chunk(completion_id, model, created, delta=ChunkDelta(), finish_reason=result.finish_reason)
+                if include_usage:
+                    yield _chunk(completion_id, model, created, usage=CompletionUsage(**result.usage.model_dump()))
+            else:
+                error = _failure(result)
+                body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
+                yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
