@@ -77,6 +77,7 @@ glm4v-bento is serving the offline tiny model at {url}
   .venv/bin/python examples/requests_client.py {url}
   .venv/bin/python examples/bentoml_client.py {url}
   .venv/bin/python examples/stream_client.py {url}
+  .venv/bin/python examples/openai_client.py {url}
   .venv/bin/python examples/async_concurrent_client.py {url} 16
   curl {url}/health
 

@@ -82,3 +82,8 @@ def test_async_concurrent_example(demo):
 def test_stream_example(demo):
     out = run(PYTHON, str(EXAMPLES / "stream_client.py"), demo[0])
     assert "usage:" in out and ("[length]" in out or "[stop]" in out)
+
+
+def test_openai_example(demo):
+    out = run(PYTHON, str(EXAMPLES / "openai_client.py"), demo[0])
+    assert "answer:" in out and "finish_reason:" in out and "tokens" in out

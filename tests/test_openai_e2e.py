@@ -1,0 +1,189 @@
+"""The OpenAI-compatible API, called with the official `openai` client against the real `bentoml serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import encode, make_image
+
+from glm4v_bento.devserver import Server
+
+MODEL = "glm4v-tiny"
+IMAGE_URI = "data:image/png;base64," + base64.b64encode(encode(make_image(56, 56))).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = Server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("logs") / "serve.log",
+        GLM4V_SERVED_MODEL_NAME=MODEL,
+        # Even allowed hosts may not lead to loopback or private addresses.
+        GLM4V_IMAGE_URL_ALLOWED_HOSTS="localhost,127.0.0.1",
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def user(text: str, image: bool = True) -> dict:
+    content = [{"type": "text", "text": text}]
+    if image:
+        content.insert(0, {"type": "image_url", "image_url": {"url": IMAGE_URI}})
+    return {"role": "user", "content": content}
+
+
+def collect(stream) -> tuple[str, str, list]:
+    reasoning, content, chunks = "", "", list(stream)
+    for chunk in chunks:
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            content += choice.delta.content or ""
+    return reasoning, content, chunks
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_non_streamed_completion_with_a_data_uri_image(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[user("what is this?")], max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and response.model == MODEL
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length"
+    usage = response.usage
+    assert usage.completion_tokens == 24
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    text_only = client.chat.completions.create(model=MODEL, messages=[user("what is this?", image=False)], max_tokens=1)
+    assert usage.prompt_tokens > text_only.usage.prompt_tokens  # the image's tokens are counted
+
+
+def test_streamed_equals_non_streamed_for_a_greedy_request(client):
+    request = {"model": MODEL, "messages": [user("describe")], "max_tokens": 40, "temperature": 0}
+    whole = client.chat.completions.create(**request)
+    reasoning, content, chunks = collect(
+        client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    )
+    message = whole.choices[0].message
+    assert content == message.content
+    assert reasoning == (getattr(message, "reasoning_content", None) or "")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert chunks.index(finishing[0]) == len(chunks) - 2  # usage comes last, after the finish
+    _, _, without_usage = collect(client.chat.completions.create(**request, stream=True))
+    assert all(c.usage is None for c in without_usage)
+
+
+def test_async_client_streamed_and_not(server):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        request = {"model": MODEL, "messages": [user("hello")], "max_tokens": 30, "temperature": 0}
+        whole, stream = await asyncio.gather(
+            client.chat.completions.create(**request), client.chat.completions.create(**request, stream=True)
+        )
+        content = ""
+        async for chunk in stream:
+            content += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+        return whole, content
+
+    whole, content = asyncio.run(run())
+    assert content == whole.choices[0].message.content
+
+
+def test_history_goes_back_without_its_thinking(client):
+    def prompt_tokens(assistant_text: str) -> int:
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            user("first question"),
+            {"role": "assistant", "content": assistant_text},
+            user("and then?", image=False),
+        ]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage.prompt_tokens
+
+    with_thinking = prompt_tokens("<think>a long chain of private reasoning</think><answer>A house.</answer>")
+    without = prompt_tokens("<answer>A house.</answer>")
+    other = prompt_tokens("<answer>A much longer answer about a house.</answer>")
+    assert with_thinking == without != other
+
+
+def test_stop_strings(client):
+    request = {"model": MODEL, "messages": [user("go")], "max_tokens": 40, "temperature": 0}
+    full = client.chat.completions.create(**request).choices[0].message.content
+    stop = full[8:11]
+    stopped = client.chat.completions.create(**request, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stop not in stopped.choices[0].message.content
+    assert full.startswith(stopped.choices[0].message.content)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "param", "fragment"),
+    [
+        ({"n": 2}, 400, "n", "n=1"),
+        ({"model": "gpt-4o"}, 404, "model", "does not exist"),
+        ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+        ({"temperature": 5}, 400, "temperature", "less than or equal"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", "last message"),
+        ({"messages": []}, 400, "messages", "at least 1"),
+        ({"extra_body": {"logprobs": True}}, 400, "logprobs", "Extra inputs"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(client, overrides, status, param, fragment):
+    request = {"model": MODEL, "messages": [user("x")], "max_tokens": 2, **overrides}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**request)
+    error = info.value
+    assert error.status_code == status
+    assert error.body["param"] == param and fragment in error.body["message"]
+    assert error.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("http://127.0.0.1:1/cat.png", "non-public"),  # allowed host, loopback address
+        ("http://localhost:1/cat.png", "non-public"),  # allowed name that resolves to loopback
+        ("http://10.0.0.1/cat.png", "not allowed"),  # private address, not on the list
+        ("http://169.254.169.254/latest/meta-data", "not allowed"),  # cloud metadata
+        ("https://example.com/cat.png", "not allowed"),
+        ("file:///etc/passwd", "data: URIs or http(s)"),
+        ("data:image/png;base64,***", "not valid base64"),
+    ],
+)
+def test_image_urls_are_refused_by_default_and_never_reach_inside(client, url, fragment):
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[message], max_tokens=2)
+    assert fragment in info.value.body["message"]
+    assert info.value.body["param"] == "messages.0.content.0.image_url"
+
+
+def test_closing_a_stream_cancels_the_generation(client, server):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[user("long")], max_tokens=6000, stream=True, extra_body={"ignore_eos": True}
+    )
+    for index, _ in enumerate(stream):
+        if index == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server.url}/health").json()["running"] != 0:
+        assert time.monotonic() < deadline, "the closed stream kept generating"
+        time.sleep(0.1)
