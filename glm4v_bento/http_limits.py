@@ -22,6 +22,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 INTERNAL_HEADER = "x-glm4v-internal"
 INTERNAL_TOKEN = secrets.token_hex(16)  # known only inside this process
 # Probes and metrics must answer even when the server is saturated.
+OPENAI_PREFIXES = ("/v1/chat/", "/v1/models")
 EXEMPT_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", "/metrics", "/model/info"})
 
 
@@ -38,10 +39,12 @@ class RequestLimits:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await _reply(send, 413, f"the request body is {declared:,} bytes; the limit is {self.max_body_bytes:,}")
+            message = f"the request body is {declared:,} bytes; the limit is {self.max_body_bytes:,}"
+            await _reply(scope, send, 413, message)
             return
         if self.active >= self.max_concurrency:
-            await _reply(send, 429, f"too many requests in flight (limit {self.max_concurrency}); retry shortly")
+            message = f"too many requests in flight (limit {self.max_concurrency}); retry shortly"
+            await _reply(scope, send, 429, message)
             return
         self.active += 1
         try:
@@ -63,7 +66,8 @@ class RequestLimits:
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     refused = True
-                    await _reply(send, 413, f"the request body exceeds the limit of {self.max_body_bytes:,} bytes")
+                    message = f"the request body exceeds the limit of {self.max_body_bytes:,} bytes"
+                    await _reply(scope, send, 413, message)
                     return {"type": "http.disconnect"}
             return message
 
@@ -92,8 +96,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reply(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
+async def _reply(scope: Scope, send: Send, status: int, message: str) -> None:
+    if scope["path"].startswith(OPENAI_PREFIXES):  # OpenAI clients expect their error shape
+        kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+        error: object = {"message": message, "type": kind, "param": None, "code": None}
+    else:
+        error = message
+    body = json.dumps({"error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 429:
         headers.append((b"retry-after", b"1"))

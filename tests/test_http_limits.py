@@ -79,3 +79,15 @@ def test_body_limit_gives_413(chunked):
     big, small = asyncio.run(scenario())
     assert big.status_code == 413 and "100" in big.json()["error"]
     assert small.status_code == 200
+
+
+def test_openai_routes_get_openai_shaped_refusals():
+    async def scenario():
+        app = RequestLimits(SlowApp(), max_concurrency=4, max_body_bytes=10)
+        async with client(app) as http:
+            return await http.post("/v1/chat/completions", content=b"x" * 100)
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "limit" in error["message"]
