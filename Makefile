@@ -13,7 +13,7 @@ TINY := .models/tiny
 # pip on this kind of machine warns about every local index folder it skips; that is noise.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install tiny demo test test-slow container-test lint bench bento clean
+.PHONY: help install tiny demo test test-slow container-test lint bench bento clean redis-server
 
 help:
 	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
@@ -49,7 +49,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(BIN)/.installed lint
+# The rate-limit tests run a real Redis server (Debian's), started and stopped by the tests.
+redis-server:
+	@command -v redis-server >/dev/null || { echo ">> installing Debian's redis-server for the tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+test: $(BIN)/.installed lint redis-server
 	$(BIN)/pytest -q
 
 test-slow: $(BIN)/.installed

@@ -25,9 +25,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from glm4v_bento import bentoml_fixes
+from glm4v_bento.auth import ApiKeyAuth, load_keys
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
-from glm4v_bento.engine import QueueFullError, SamplingParams
+from glm4v_bento.engine import GenerationResult, QueueFullError, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
 from glm4v_bento.image_urls import URLPolicy
 from glm4v_bento.model_source import ModelSource
@@ -39,6 +40,7 @@ from glm4v_bento.native_api import (
     to_batch_item,
 )
 from glm4v_bento.openai_api import create_routes as openai_routes
+from glm4v_bento.rate_limit import MemoryBuckets, RateLimiter, RateLimitMiddleware, RedisBuckets, current_client
 from glm4v_bento.schemas import (
     DEFAULT_PROMPT,
     BatchInferenceRequest,
@@ -56,6 +58,12 @@ from glm4v_bento.streaming import ndjson_events
 settings = settings_inside_bento(get_settings(), Path(__file__).resolve().parent)
 bentoml_fixes.install()
 source = ModelSource.from_settings(settings)
+api_keys = load_keys(settings.api_keys, settings.api_keys_file)
+limiter = RateLimiter(
+    RedisBuckets(settings.redis_url) if settings.redis_url else MemoryBuckets(),
+    requests_per_minute=settings.rate_limit_rpm,
+    tokens_per_minute=settings.rate_limit_tpm,
+)
 
 
 def _request_id() -> str:
@@ -123,6 +131,11 @@ class GLM4V:
 
     def __init__(self) -> None:
         self.host = ModelHost(settings, source, resolve_path=lambda: source.local_path(self.model_ref))
+        self.host.on_result = self._on_result
+
+    @staticmethod
+    def _on_result(result: GenerationResult) -> None:
+        limiter.charge_tokens(current_client.get(), result.usage.completion_tokens)
 
     def __is_ready__(self) -> bool:
         return self.host.ready
@@ -222,7 +235,9 @@ class GLM4V:
         except QueueFullError as exc:
             return _error(429, str(exc), request_id)
         return StreamingResponse(
-            ndjson_events(handle, request_id), media_type=STREAM_MEDIA_TYPE, headers={"X-Request-ID": request_id}
+            ndjson_events(handle, request_id, self.host.completed),
+            media_type=STREAM_MEDIA_TYPE,
+            headers={"X-Request-ID": request_id},
         )
 
     @bentoml.api(route="/v1/vision/batch-inference")
@@ -300,6 +315,9 @@ class GLM4V:
         )
 
 
+# Outermost first: who is calling, may they call now, is the request within the limits.
+GLM4V.add_asgi_middleware(ApiKeyAuth, keys=api_keys, protect_metrics=settings.metrics_require_key)
+GLM4V.add_asgi_middleware(RateLimitMiddleware, limiter=limiter)
 GLM4V.add_asgi_middleware(
     RequestLimits, max_concurrency=settings.max_concurrency, max_body_bytes=settings.request_body_limit
 )

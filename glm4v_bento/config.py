@@ -80,6 +80,18 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, ge=0, description="Requests waiting for a place; more are refused at once (429).")
 
+    # --- access control and rate limits
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys, comma-separated; when any are set, every API needs one."
+    )
+    api_keys_file: str | None = Field(None, description="A file with one API key per line (# comments).")
+    metrics_require_key: bool = Field(False, description="Protect /metrics with the API keys too.")
+    rate_limit_rpm: int | None = Field(
+        None, ge=1, description="Requests per minute per key (per address without keys)."
+    )
+    rate_limit_tpm: int | None = Field(None, ge=1, description="Generated tokens per minute per key (or address).")
+    redis_url: str | None = Field(None, description="Redis for limits shared by replicas, e.g. redis://host:6379/0.")
+
     # --- OpenAI-compatible API
     served_model_name: str | None = Field(
         None, description="The model name /v1/models reports and requests must use; default: GLM4V_MODEL."
@@ -90,11 +102,12 @@ class Settings(BaseSettings):
     )
     image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit for fetching one image URL.")
 
-    @field_validator("image_url_allowed_hosts", mode="before")
+    @field_validator("image_url_allowed_hosts", "api_keys", mode="before")
     @classmethod
-    def _split_hosts(cls, value: object) -> object:
+    def _split_commas(cls, value: object, info) -> object:
         if isinstance(value, str):
-            return [host.strip().lower() for host in value.split(",") if host.strip()]
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            return [item.lower() for item in items] if info.field_name == "image_url_allowed_hosts" else items
         return value
 
     # --- image limits (checked before the model sees anything)

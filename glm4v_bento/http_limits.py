@@ -34,7 +34,7 @@ class RequestLimits:
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or _is_internal(scope):
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or is_internal(scope):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
@@ -78,7 +78,7 @@ class RequestLimits:
         await self.app(scope, bounded_receive, guarded_send)
 
 
-def _is_internal(scope: Scope) -> bool:
+def is_internal(scope: Scope) -> bool:
     expected = INTERNAL_TOKEN.encode()
     return any(
         name == INTERNAL_HEADER.encode() and secrets.compare_digest(value, expected)

@@ -88,9 +88,9 @@ def create_routes(get_host: Callable[[], ModelHost], served_model: str, url_poli
             return exc.response()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _sse_events(handle, completion_id, served_model, include_usage)
+            events = _sse_events(handle, completion_id, served_model, include_usage, host.completed)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await handle.wait()
+        result = host.completed(await handle.wait())
         if result.finish_reason not in ("stop", "length"):
             return _failure(result).response()
         completion = ChatCompletion(
@@ -210,7 +210,13 @@ def _chunk(completion_id: str, model: str, created: int, **choice: Any) -> str:
     return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
 
-async def _sse_events(handle: RequestHandle, completion_id: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _sse_events(
+    handle: RequestHandle,
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    on_done: Callable[[GenerationResult], object],
+) -> AsyncIterator[str]:
     """role first; reasoning_content pieces; content pieces; finish_reason; usage (if asked); [DONE]."""
     created = int(time.time())
     parser = OutputParser()
@@ -222,6 +228,7 @@ async def _sse_events(handle: RequestHandle, completion_id: str, model: str, inc
             yield _chunk(completion_id, model, created, delta=ChunkDelta(**piece))
         if isinstance(event, Finished):
             result = event.result
+            on_done(result)
             if result.finish_reason in ("stop", "length"):
                 yield _chunk(completion_id, model, created, delta=ChunkDelta(), finish_reason=result.finish_reason)
                 if include_usage:

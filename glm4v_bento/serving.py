@@ -53,6 +53,8 @@ class ModelHost:
         self.model_path: str | None = None
         self.error: str | None = None
         self._claims: dict[str, asyncio.Future[RequestHandle]] = {}
+        # Told of every result a client receives (rate-limit charging, metrics).
+        self.on_result: Callable[[GenerationResult], None] | None = None
         self._ready = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(resolve_path,), name="glm4v-loader", daemon=True)
         self._loader.start()
@@ -130,7 +132,7 @@ class ModelHost:
                     claim.set_result(handle)
                     outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=202)
                 else:
-                    outcomes[index] = _outcome(items[index].request_id, await handle.wait())
+                    outcomes[index] = _outcome(items[index].request_id, self.completed(await handle.wait()))
         except asyncio.CancelledError:  # the callers gave up: stop their generations
             for _, handle in handles:
                 handle.cancel()
@@ -152,7 +154,13 @@ class ModelHost:
         handed it over (202), once its generation is done."""
         if outcome.status != 202:
             return outcome
-        return _outcome(outcome.request_id, await (await claim).wait())
+        return _outcome(outcome.request_id, self.completed(await (await claim).wait()))
+
+    def completed(self, result: GenerationResult) -> GenerationResult:
+        """Report a result a client is about to receive (in the client's request context)."""
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
 
     def to_request(self, request_id: str, images: list[bytes], item: BatchItem) -> GenerationRequest:
         """Decode the images (within the limits) and form the engine request."""

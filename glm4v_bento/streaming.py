@@ -11,9 +11,9 @@ The pieces of each type concatenate to the final event's ``thinking`` and ``answ
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from glm4v_bento.engine import Finished, OutputParser, RequestHandle
+from glm4v_bento.engine import Finished, GenerationResult, OutputParser, RequestHandle
 
 MEDIA_TYPE = "application/x-ndjson"
 
@@ -22,7 +22,9 @@ def _line(event: dict) -> str:
     return json.dumps(event, ensure_ascii=False) + "\n"
 
 
-async def ndjson_events(handle: RequestHandle, request_id: str) -> AsyncIterator[str]:
+async def ndjson_events(
+    handle: RequestHandle, request_id: str, on_done: Callable[[GenerationResult], object] | None = None
+) -> AsyncIterator[str]:
     """The lines of one streamed request; closing the stream early cancels the request."""
     parser = OutputParser()
     async for event in handle.events():
@@ -30,6 +32,8 @@ async def ndjson_events(handle: RequestHandle, request_id: str) -> AsyncIterator
             for delta in parser.finish():
                 yield _line({"type": delta.part, "text": delta.text})
             result = event.result
+            if on_done is not None:
+                on_done(result)
             yield _line(
                 {
                     "type": "done",

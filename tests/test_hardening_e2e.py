@@ -1,0 +1,102 @@
+"""API keys and shared rate limits through the real `bentoml serve` (and a real Redis)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+from conftest import encode, make_image
+
+from glm4v_bento.devserver import Server
+
+KEY, OTHER_KEY = "sk-test-alpha-0123456789", "sk-test-beta-9876543210"
+
+
+def infer(url: str, key: str | None = None, tokens: int = 3) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    files = {
+        "image_file": ("a.png", encode(make_image(32, 32)), "image/png"),
+        "request_data": (None, json.dumps({"text_prompt": "x", "max_tokens": tokens})),
+    }
+    return requests.post(f"{url}/v1/vision/inference", files=files, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keyed")
+    keys_file = folder / "keys.txt"
+    keys_file.write_text(f"# one key per line\n{OTHER_KEY}\n")
+    srv = Server(
+        tiny_model_dir,
+        folder / "serve.log",
+        GLM4V_API_KEYS=KEY,
+        GLM4V_API_KEYS_FILE=str(keys_file),
+        GLM4V_SERVED_MODEL_NAME="glm4v-tiny",
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_apis_need_a_valid_key(keyed):
+    missing = infer(keyed.url)
+    assert missing.status_code == 401 and "missing Authorization" in missing.json()["error"]
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    wrong = infer(keyed.url, "sk-wrong")
+    assert wrong.status_code == 401 and "invalid API key" in wrong.json()["error"]
+    assert infer(keyed.url, KEY).status_code == 200
+    assert infer(keyed.url, OTHER_KEY).status_code == 200  # from the keys file
+
+
+def test_probes_metrics_and_docs_stay_open(keyed):
+    for path in ("/readyz", "/livez", "/health", "/metrics", "/docs.json"):
+        assert requests.get(f"{keyed.url}{path}", timeout=10).status_code == 200, path
+
+
+def test_openai_clients_get_openai_shaped_401(keyed):
+    with pytest.raises(openai.AuthenticationError) as info:
+        openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert info.value.body["code"] == "invalid_api_key"
+    client = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["glm4v-tiny"]
+
+
+def test_keys_never_reach_the_log(keyed):
+    infer(keyed.url, KEY)
+    infer(keyed.url, "sk-wrong-but-secret")
+    log = keyed.log()
+    assert KEY not in log and OTHER_KEY not in log and "sk-wrong-but-secret" not in log
+
+
+def test_two_replicas_share_one_rate_limit_through_redis(tiny_model_dir, tmp_path, redis_url):
+    limits = {"GLM4V_REDIS_URL": redis_url, "GLM4V_RATE_LIMIT_RPM": "4"}
+    replicas = [Server(tiny_model_dir, tmp_path / f"serve{i}.log", **limits) for i in range(2)]
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+        codes = [infer(replicas[i % 2].url).status_code for i in range(5)]
+        assert codes == [200, 200, 200, 200, 429]
+        refused = infer(replicas[1].url)
+        assert refused.status_code == 429
+        assert "4 requests per minute" in refused.json()["error"] and int(refused.headers["retry-after"]) >= 1
+        assert requests.get(f"{replicas[0].url}/health", timeout=10).status_code == 200  # probes are not limited
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_generated_tokens_per_minute_are_charged(tiny_model_dir, tmp_path):
+    server = Server(tiny_model_dir, tmp_path / "serve.log", GLM4V_RATE_LIMIT_TPM="20")
+    try:
+        server.wait_ready()
+        first = infer(server.url, tokens=30)
+        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 30
+        refused = infer(server.url, tokens=1)  # 30 generated against 20 per minute: in debt
+        assert refused.status_code == 429
+        assert "20 generated tokens per minute" in refused.json()["error"]
+    finally:
+        server.stop()
