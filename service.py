@@ -31,6 +31,7 @@ from glm4v_bento.config import get_settings
 from glm4v_bento.engine import GenerationResult, QueueFullError, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
 from glm4v_bento.image_urls import URLPolicy
+from glm4v_bento.metrics import get_metrics
 from glm4v_bento.model_source import ModelSource
 from glm4v_bento.native_api import (
     ApiError,
@@ -75,7 +76,15 @@ def _request_id() -> str:
     return format(request_id, "016x") if request_id is not None else uuid.uuid4().hex[:16]
 
 
+_REJECTION_REASONS = {400: "invalid_request", 413: "too_large", 429: "queue_full", 503: "not_ready", 504: "timeout"}
+
+
+def _reject(reason: str) -> None:
+    get_metrics().reject(reason)
+
+
 def _error(status: int, message: str, request_id: str | None = None) -> JSONResponse:
+    _reject(_REJECTION_REASONS.get(status, f"http_{status}"))
     headers = {"Retry-After": "5"} if status in (429, 503) else None
     return JSONResponse({"error": message, "request_id": request_id}, status_code=status, headers=headers)
 
@@ -107,7 +116,7 @@ extra_routes = Starlette(
     routes=[
         Route("/health", _health),
         Route("/model/info", _model_info),
-        *openai_routes(_host, settings.served_model_name or source.ref, url_policy),
+        *openai_routes(_host, settings.served_model_name or source.ref, url_policy, _reject),
     ]
 )
 
@@ -131,11 +140,13 @@ class GLM4V:
 
     def __init__(self) -> None:
         self.host = ModelHost(settings, source, resolve_path=lambda: source.local_path(self.model_ref))
+        self.metrics = get_metrics()  # here, in the worker, where /metrics collects from
         self.host.on_result = self._on_result
+        self.host.on_step = self.metrics.observe_step
 
-    @staticmethod
-    def _on_result(result: GenerationResult) -> None:
+    def _on_result(self, result: GenerationResult) -> None:
         limiter.charge_tokens(current_client.get(), result.usage.completion_tokens)
+        self.metrics.observe_result(result)
 
     def __is_ready__(self) -> bool:
         return self.host.ready
@@ -316,8 +327,11 @@ class GLM4V:
 
 
 # Outermost first: who is calling, may they call now, is the request within the limits.
-GLM4V.add_asgi_middleware(ApiKeyAuth, keys=api_keys, protect_metrics=settings.metrics_require_key)
-GLM4V.add_asgi_middleware(RateLimitMiddleware, limiter=limiter)
+GLM4V.add_asgi_middleware(ApiKeyAuth, keys=api_keys, protect_metrics=settings.metrics_require_key, on_reject=_reject)
+GLM4V.add_asgi_middleware(RateLimitMiddleware, limiter=limiter, on_reject=_reject)
 GLM4V.add_asgi_middleware(
-    RequestLimits, max_concurrency=settings.max_concurrency, max_body_bytes=settings.request_body_limit
+    RequestLimits,
+    max_concurrency=settings.max_concurrency,
+    max_body_bytes=settings.request_body_limit,
+    on_reject=_reject,
 )

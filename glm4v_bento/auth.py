@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from glm4v_bento.http_limits import OPENAI_PREFIXES, ASGIApp, Receive, Scope, Send, is_internal
@@ -41,8 +42,15 @@ def key_id(key: str) -> str:
 
 
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, keys: list[str], protect_metrics: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: list[str],
+        protect_metrics: bool = False,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
         self.app = app
+        self.on_reject = on_reject or (lambda reason: None)
         self._keys = [(key.encode(), key_id(key)) for key in keys]
         self._open = OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
 
@@ -57,6 +65,7 @@ class ApiKeyAuth:
                 matched = identity
         if matched is None:
             reason = "missing Authorization: Bearer <key> header" if not presented else "invalid API key"
+            self.on_reject("unauthorized")
             await _unauthorized(scope, send, reason)
             return
         scope.setdefault("state", {})["glm4v_key_id"] = matched

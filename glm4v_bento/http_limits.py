@@ -27,8 +27,11 @@ EXEMPT_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", "/metrics"
 
 
 class RequestLimits:
-    def __init__(self, app: ASGIApp, max_concurrency: int, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_concurrency: int, max_body_bytes: int, on_reject: Callable[[str], None] | None = None
+    ) -> None:
         self.app = app
+        self.on_reject = on_reject or (lambda reason: None)
         self.max_concurrency = max_concurrency
         self.max_body_bytes = max_body_bytes
         self.active = 0
@@ -40,10 +43,12 @@ class RequestLimits:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             message = f"the request body is {declared:,} bytes; the limit is {self.max_body_bytes:,}"
+            self.on_reject("body_too_large")
             await _reply(scope, send, 413, message)
             return
         if self.active >= self.max_concurrency:
             message = f"too many requests in flight (limit {self.max_concurrency}); retry shortly"
+            self.on_reject("concurrency")
             await _reply(scope, send, 429, message)
             return
         self.active += 1
@@ -67,6 +72,7 @@ class RequestLimits:
                 if received > self.max_body_bytes:
                     refused = True
                     message = f"the request body exceeds the limit of {self.max_body_bytes:,} bytes"
+                    self.on_reject("body_too_large")
                     await _reply(scope, send, 413, message)
                     return {"type": "http.disconnect"}
             return message

@@ -63,7 +63,12 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-def create_routes(get_host: Callable[[], ModelHost], served_model: str, url_policy: URLPolicy) -> list[Route]:
+def create_routes(
+    get_host: Callable[[], ModelHost],
+    served_model: str,
+    url_policy: URLPolicy,
+    on_reject: Callable[[str], None] = lambda reason: None,
+) -> list[Route]:
     async def list_models(_: Request) -> Response:
         created = int(time.time())
         model = {"id": served_model, "object": "model", "created": created, "owned_by": "glm4v-bento"}
@@ -85,6 +90,7 @@ def create_routes(get_host: Callable[[], ModelHost], served_model: str, url_poli
             except QueueFullError as exc:
                 raise OpenAIError(429, str(exc), code="queue_full") from None
         except OpenAIError as exc:
+            on_reject(exc.code or exc.type)
             return exc.response()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

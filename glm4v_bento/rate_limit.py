@@ -15,6 +15,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -143,9 +144,10 @@ class RateLimiter:
 class RateLimitMiddleware:
     """Admits or refuses each client request; sets ``current_client`` for later charging."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, on_reject: Callable[[str], None] | None = None) -> None:
         self.app = app
         self.limiter = limiter
+        self.on_reject = on_reject or (lambda reason: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or is_internal(scope):
@@ -157,6 +159,7 @@ class RateLimitMiddleware:
             if self.limiter.enabled:
                 decision, limit = self.limiter.admit(client)
                 if not decision.allowed:
+                    self.on_reject("rate_limited")
                     await _too_many(scope, send, limit, decision.retry_after_s)
                     return
             await self.app(scope, receive, send)

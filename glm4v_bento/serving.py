@@ -55,6 +55,8 @@ class ModelHost:
         self._claims: dict[str, asyncio.Future[RequestHandle]] = {}
         # Told of every result a client receives (rate-limit charging, metrics).
         self.on_result: Callable[[GenerationResult], None] | None = None
+        # Told after every scheduler step: (rows running, requests waiting).
+        self.on_step: Callable[[int, int], None] | None = None
         self._ready = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(resolve_path,), name="glm4v-loader", daemon=True)
         self._loader.start()
@@ -66,6 +68,7 @@ class ModelHost:
             started = time.perf_counter()
             self.model_path = resolve_path()
             engine = Engine.from_settings(self.settings.model_copy(update={"model": self.model_path}))
+            engine.scheduler.on_step = self.on_step
             if self.settings.warmup_tokens > 0:
                 self._warm_up(engine)
             self.engine = engine

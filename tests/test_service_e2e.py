@@ -259,3 +259,26 @@ def test_text_in_a_file_field_is_refused_not_fetched(server, value):
     response = requests.post(f"{server.url}/v1/vision/inference", files={"image_file": (None, value)}, timeout=30)
     assert response.status_code == 400
     assert "must be an uploaded file" in response.text
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_service_metrics_on_the_metrics_endpoint(server):
+    generated = _metric(server.url, "glm4v_generated_tokens_total")
+    first_tokens = _metric(server.url, "glm4v_time_to_first_token_seconds_count")
+    invalid = _metric(server.url, 'glm4v_rejections_total{reason="invalid_request"}')
+    body = post_inference(server.url, encode(make_image(40, 40)), greedy("count me", 17)).json()
+    assert body["usage"]["completion_tokens"] == 17
+    post_inference(server.url, b"not an image")
+    assert _metric(server.url, "glm4v_generated_tokens_total") == generated + 17
+    assert _metric(server.url, "glm4v_time_to_first_token_seconds_count") == first_tokens + 1
+    assert _metric(server.url, 'glm4v_rejections_total{reason="invalid_request"}') == invalid + 1
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("glm4v_queue_depth", "glm4v_running_sequences", "glm4v_batch_occupancy_bucket",
+                 "glm4v_inter_token_latency_seconds_bucket", "glm4v_prompt_tokens_total"):  # fmt: skip
+        assert name in text, name

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,6 +73,8 @@ class Scheduler:
         self._by_id: dict[str, RequestHandle] = {}
         self._cond = threading.Condition()
         self._closed = False
+        # Told after every step: (rows running, requests waiting). For metrics; must be quick.
+        self.on_step: Callable[[int, int], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="glm4v-scheduler", daemon=True)
         self._thread.start()
 
@@ -143,6 +146,8 @@ class Scheduler:
                 self._drop_cancelled()
                 if self._running:
                     self._step()
+                if self.on_step is not None:
+                    self.on_step(len(self._running), len(self._waiting))
         except BaseException:
             logger.exception("the scheduler stopped unexpectedly")
             raise
