@@ -28,7 +28,7 @@ from glm4v_bento import bentoml_fixes
 from glm4v_bento.auth import ApiKeyAuth, load_keys
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
-from glm4v_bento.engine import GenerationResult, QueueFullError, SamplingParams
+from glm4v_bento.engine import EngineClosedError, GenerationResult, QueueFullError, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
 from glm4v_bento.image_urls import URLPolicy
 from glm4v_bento.metrics import get_metrics
@@ -143,6 +143,7 @@ class GLM4V:
         self.metrics = get_metrics()  # here, in the worker, where /metrics collects from
         self.host.on_result = self._on_result
         self.host.on_step = self.metrics.observe_step
+        self.host.drain_on_sigterm(settings.shutdown_grace_s)
 
     def _on_result(self, result: GenerationResult) -> None:
         limiter.charge_tokens(current_client.get(), result.usage.completion_tokens)
@@ -245,6 +246,8 @@ class GLM4V:
             return _error(exc.status, exc.message, request_id)
         except QueueFullError as exc:
             return _error(429, str(exc), request_id)
+        except EngineClosedError as exc:
+            return _error(503, str(exc), request_id)
         return StreamingResponse(
             ndjson_events(handle, request_id, self.host.completed),
             media_type=STREAM_MEDIA_TYPE,

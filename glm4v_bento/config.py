@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         262_144, ge=1, description="KV-cache room the running requests may reserve (prompt + max_new_tokens each)."
     )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running generations may finish before they are cancelled."
+    )
     max_queue: int = Field(256, ge=0, description="Requests waiting for a place; more are refused at once (429).")
 
     # --- access control and rate limits

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from glm4v_bento.engine import (
+    EngineClosedError,
     Finished,
     GenerationRequest,
     GenerationResult,
@@ -89,6 +90,8 @@ def create_routes(
                 handle = host.engine.submit(generation, stream=body.stream)
             except QueueFullError as exc:
                 raise OpenAIError(429, str(exc), code="queue_full") from None
+            except EngineClosedError as exc:
+                raise OpenAIError(503, str(exc), code="shutting_down") from None
         except OpenAIError as exc:
             on_reject(exc.code or exc.type)
             return exc.response()

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from PIL import Image
 from glm4v_bento.config import Settings
 from glm4v_bento.engine import (
     Engine,
+    EngineClosedError,
     GenerationRequest,
     GenerationResult,
     QueueFullError,
@@ -103,6 +105,23 @@ class ModelHost:
         if self.engine is not None:
             self.engine.close()
 
+    def drain_on_sigterm(self, grace_s: float) -> None:
+        """On SIGTERM, stop admitting and give running generations ``grace_s`` to finish; the
+        server's own handler (stop accepting, wait for open requests) still runs as before."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            logger.info("SIGTERM: no new requests; running ones get %.0f s to finish", grace_s)
+            if self.engine is not None:
+                threading.Thread(target=self.engine.drain, args=(grace_s,), name="glm4v-drain", daemon=True).start()
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: leave signals to the server
+            logger.warning("could not install the SIGTERM handler (not on the main thread)")
+
     # --- the batch entry point
 
     async def run_batch(self, items: list[BatchItem]) -> list[BatchOutcome]:
@@ -119,7 +138,13 @@ class ModelHost:
                     request_id=item.request_id, status=image_error_status(exc), error=str(exc)
                 )
         # Submitted in one go, so that they can start in the same step.
-        submitted = self.engine.submit_many([request for _, request in requests])
+        try:
+            submitted = self.engine.submit_many([request for _, request in requests])
+        except EngineClosedError as exc:
+            return [
+                o or BatchOutcome(request_id=i.request_id, status=503, error=str(exc))
+                for o, i in zip(outcomes, items, strict=True)
+            ]
         handles = [
             (index, h) for (index, _), h in zip(requests, submitted, strict=True) if isinstance(h, RequestHandle)
         ]

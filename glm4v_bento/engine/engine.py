@@ -108,5 +108,9 @@ class Engine:
         """Requests in the running batch."""
         return self.scheduler.running
 
+    def drain(self, grace_s: float) -> None:
+        """Stop taking requests, let the admitted ones finish for up to ``grace_s``, end the rest."""
+        self.scheduler.drain(grace_s)
+
     def close(self, timeout: float | None = 30.0) -> None:
         self.scheduler.close(timeout)

@@ -31,6 +31,9 @@ from glm4v_bento.engine.types import ErrorType, GenerationRequest, GenerationRes
 logger = logging.getLogger(__name__)
 
 
+_SHUTDOWN_NOTE = "the server shut down before this request finished"
+
+
 class QueueFullError(RuntimeError):
     """The wait queue is full: try again shortly."""
 
@@ -73,6 +76,7 @@ class Scheduler:
         self._by_id: dict[str, RequestHandle] = {}
         self._cond = threading.Condition()
         self._closed = False
+        self._draining = False
         # Told after every step: (rows running, requests waiting). For metrics; must be quick.
         self.on_step: Callable[[int, int], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="glm4v-scheduler", daemon=True)
@@ -93,8 +97,8 @@ class Scheduler:
         Each gets a handle, or a QueueFullError if the wait queue had no room left for it."""
         outcomes: list[RequestHandle | QueueFullError] = []
         with self._cond:
-            if self._closed:
-                raise EngineClosedError("the engine is shut down")
+            if self._closed or self._draining:
+                raise EngineClosedError("the server is shutting down and takes no new requests")
             now = time.perf_counter()
             for request in requests:
                 if len(self._waiting) >= self.limits.max_waiting:
@@ -125,6 +129,16 @@ class Scheduler:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    def drain(self, grace_s: float) -> None:
+        """Graceful stop: refuse new requests, give the admitted ones ``grace_s`` seconds to
+        finish, then end the rest (finish_reason "cancelled", with a note that says why)."""
+        with self._cond:
+            self._draining = True
+        deadline = time.monotonic() + grace_s
+        while (self._running or self._waiting) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.close()
 
     def close(self, timeout: float | None = 30.0) -> None:
         with self._cond:
@@ -297,7 +311,7 @@ class Scheduler:
                 self._finish_early(entry, None, None)
 
     def _finish_early(self, entry: _Waiting, error: str | None, error_type: ErrorType | None) -> None:
-        """A request that never ran: refused (error) or cancelled while waiting."""
+        """A request that never ran: refused (error) or cancelled (while waiting, or at shutdown)."""
         elapsed = time.perf_counter() - entry.submitted_at
         entry.handle.finish(
             GenerationResult(
@@ -306,7 +320,7 @@ class Scheduler:
                 thinking="",
                 answer="",
                 finish_reason="error" if error else "cancelled",
-                error=error,
+                error=error or (_SHUTDOWN_NOTE if self._closed else None),
                 error_type=error_type,
                 usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
                 timings=Timings(queue_s=elapsed, prefill_s=0.0, decode_s=0.0, total_s=elapsed),
@@ -330,7 +344,9 @@ class Scheduler:
             return
         for seq, handle in running:
             seq.cancel()
-            self._deliver(seq, handle)
+            handle.emit(seq.take_delta())
+            handle.finish(seq.result().model_copy(update={"error": _SHUTDOWN_NOTE}))
+            self._forget(handle)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for entry in waiting:
