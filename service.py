@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from glm4v_bento import bentoml_fixes
+from glm4v_bento import access_log, bentoml_fixes
 from glm4v_bento.auth import ApiKeyAuth, load_keys
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
@@ -148,6 +148,7 @@ class GLM4V:
     def _on_result(self, result: GenerationResult) -> None:
         limiter.charge_tokens(current_client.get(), result.usage.completion_tokens)
         self.metrics.observe_result(result)
+        access_log.note_result(result)
 
     def __is_ready__(self) -> bool:
         return self.host.ready
@@ -329,7 +330,10 @@ class GLM4V:
         )
 
 
-# Outermost first: who is calling, may they call now, is the request within the limits.
+# Outermost first: log every request, who is calling, may they call now, is it within the limits.
+if settings.json_logs:
+    access_log.configure()
+    GLM4V.add_asgi_middleware(access_log.JsonAccessLog)
 GLM4V.add_asgi_middleware(ApiKeyAuth, keys=api_keys, protect_metrics=settings.metrics_require_key, on_reject=_reject)
 GLM4V.add_asgi_middleware(RateLimitMiddleware, limiter=limiter, on_reject=_reject)
 GLM4V.add_asgi_middleware(

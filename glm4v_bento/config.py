@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     rate_limit_tpm: int | None = Field(None, ge=1, description="Generated tokens per minute per key (or address).")
     redis_url: str | None = Field(None, description="Redis for limits shared by replicas, e.g. redis://host:6379/0.")
 
+    json_logs: bool = Field(True, description="One JSON access line per request on stdout (no prompts, no keys).")
+
     # --- OpenAI-compatible API
     served_model_name: str | None = Field(
         None, description="The model name /v1/models reports and requests must use; default: GLM4V_MODEL."

@@ -9,6 +9,7 @@ import pytest
 import requests
 from conftest import encode, make_image
 
+from glm4v_bento.auth import key_id
 from glm4v_bento.devserver import Server
 
 KEY, OTHER_KEY = "sk-test-alpha-0123456789", "sk-test-beta-9876543210"
@@ -100,3 +101,22 @@ def test_generated_tokens_per_minute_are_charged(tiny_model_dir, tmp_path):
         assert "20 generated tokens per minute" in refused.json()["error"]
     finally:
         server.stop()
+
+
+def test_one_json_log_line_per_request_without_prompts_or_keys(keyed):
+    secret_prompt = "my-private-prompt-7f3a"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    files = {
+        "image_file": ("a.png", encode(make_image(32, 32)), "image/png"),
+        "request_data": (None, json.dumps({"text_prompt": secret_prompt, "max_tokens": 5, "ignore_eos": True})),
+    }
+    response = requests.post(f"{keyed.url}/v1/vision/inference", files=files, headers=headers, timeout=60)
+    request_id = response.json()["request_id"]
+    infer(keyed.url, "sk-wrong")
+    lines = [json.loads(line) for line in keyed.log().splitlines() if line.startswith("{") and '"route"' in line]
+    [mine] = [line for line in lines if line.get("request_id") == request_id]
+    assert mine["route"] == "/v1/vision/inference" and mine["status"] == 200 and mine["method"] == "POST"
+    assert mine["key_id"] == key_id(KEY) and mine["completion_tokens"] == 5 and mine["prompt_tokens"] > 0
+    assert mine["duration_s"] > 0 and mine["finish_reason"] == "length"
+    assert any(line["status"] == 401 and line["key_id"] is None for line in lines)
+    assert secret_prompt not in keyed.log()
