@@ -68,6 +68,11 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except Image.DecompressionBombError:
         raise _too_many_pixels(None, limits) from None
     except UnidentifiedImageError:
+        looks_like = _claimed_format(data)
+        if looks_like:
+            raise ImageError(
+                "corrupt", f"the data starts like a {looks_like} image but cannot be read (corrupt or truncated)"
+            ) from None
         raise ImageError(
             "unsupported_format", f"the data is not an image in a supported format ({_FORMAT_NAMES})"
         ) from None
@@ -76,6 +81,24 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if image.format not in SUPPORTED_FORMATS:
         raise ImageError("unsupported_format", f"{image.format} images are not supported (supported: {_FORMAT_NAMES})")
     return image
+
+
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The format the first bytes announce, if any (to tell corrupt files from other files)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def _too_many_pixels(size: tuple[int, int] | None, limits: ImageLimits) -> ImageError:
