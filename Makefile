@@ -13,7 +13,7 @@ TINY := .models/tiny
 # pip on this kind of machine warns about every local index folder it skips; that is noise.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install tiny demo test test-slow container-test lint bench bento clean redis-server
+.PHONY: help install tiny demo test test-slow container-test lint bench load-test bento clean redis-server
 
 help:
 	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
@@ -21,7 +21,8 @@ help:
 	@echo "make test-slow  the slow suites (container build, long load tests)"
 	@echo "make container-test  build the tiny model's Bento into an image, run it, call it (installs Docker if needed)"
 	@echo "make bento      build the Bento for GLM4V_MODEL (a hub id or a model-store tag)"
-	@echo "make bench      engine benchmark on the tiny model -> docs/benchmarks.md"
+	@echo "make bench      engine, scheduler and service benchmarks on the tiny model -> docs/benchmarks.md"
+	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"
 
@@ -67,6 +68,9 @@ bench: $(TINY)/config.json
 	$(BIN)/python bench/engine_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/scheduler_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/service_bench.py --model $(TINY) --output docs/benchmarks.md
+
+load-test: $(TINY)/config.json
+	$(BIN)/python bench/load_test.py --model $(TINY) --clients 64 --seconds 60 --output docs/benchmarks.md
 
 bento: $(BIN)/.installed
 	$(BIN)/glm4v-bento build
