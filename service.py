@@ -42,6 +42,7 @@ from glm4v_bento.native_api import (
 )
 from glm4v_bento.openai_api import create_routes as openai_routes
 from glm4v_bento.rate_limit import MemoryBuckets, RateLimiter, RateLimitMiddleware, RedisBuckets, current_client
+from glm4v_bento.result_cache import MemoryResultCache, RedisResultCache
 from glm4v_bento.schemas import (
     DEFAULT_PROMPT,
     BatchInferenceRequest,
@@ -144,6 +145,13 @@ class GLM4V:
         self.host.on_result = self._on_result
         self.host.on_step = self.metrics.observe_step
         self.host.drain_on_sigterm(settings.shutdown_grace_s)
+        if settings.result_cache_bytes > 0:
+            self.host.cache = (
+                RedisResultCache(settings.redis_url, settings.result_cache_ttl_s)
+                if settings.redis_url
+                else MemoryResultCache(settings.result_cache_bytes)
+            )
+            self.host.on_cache = self.metrics.cache_lookup
 
     def _on_result(self, result: GenerationResult) -> None:
         limiter.charge_tokens(current_client.get(), result.usage.completion_tokens)
@@ -307,12 +315,13 @@ class GLM4V:
         images: list[Path] = Field(default_factory=list),  # noqa: B008 (BentoML reads the Field)
         system: str | None = None,
         params: SamplingParams | None = None,
+        cache: bool = True,
     ) -> GenerateResponse:
         """Typed API for the BentoML client: images (files) + prompt + sampling params -> result."""
         request_id = _request_id()
         if not self.host.ready:
             return _error(503, self.host.not_ready_message(), request_id)
-        request = InferenceRequest(text_prompt=prompt, system_prompt=system)
+        request = InferenceRequest(text_prompt=prompt, system_prompt=system, cache=cache)
         uploads: list[bytes] = []
         for index, path in enumerate(images):
             try:

@@ -1,6 +1,7 @@
 """Two fixes to BentoML (1.4) behaviour, installed once when the service module loads.
 
-1. File fields take uploaded files only. BentoML's multipart parser treats a *text* value
+1. File fields take uploaded files only, and a malformed multipart body (no boundary, say) is
+   a 400, not a 500. BentoML's multipart parser treats a *text* value
    in a file field as a URL and downloads it (on this stack its address guard even fails
    with a 500). A server that fetches URLs named by clients is a surprise at best and a way
    into internal networks at worst, so such a value is refused with a 400 saying what to send.
@@ -18,6 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 
 def install() -> None:
@@ -54,7 +57,18 @@ def _refuse_text_in_file_fields() -> None:
         _uploads_only = True
 
         async def parse_request(self, request: Any, cls: Any) -> Any:
-            form = await request.form()  # Starlette caches it; the parent reads the same form
+            try:
+                form = await request.form()  # Starlette caches it; the parent reads the same form
+            except (MultiPartException, HTTPException) as exc:  # e.g. no boundary: the client's mistake
+                reason = getattr(exc, "message", None) or getattr(exc, "detail", "")
+                error = ValueError(f"malformed multipart/form-data body ({reason})")
+                detail: InitErrorDetails = {
+                    "type": "value_error",
+                    "loc": ("body",),
+                    "input": "",
+                    "ctx": {"error": error},
+                }
+                raise ValidationError.from_exception_data("Input", [detail]) from None
             errors: list[InitErrorDetails] = [
                 {
                     "type": "value_error",

@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     rate_limit_tpm: int | None = Field(None, ge=1, description="Generated tokens per minute per key (or address).")
     redis_url: str | None = Field(None, description="Redis for limits shared by replicas, e.g. redis://host:6379/0.")
 
+    result_cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Memory for cached answers of deterministic requests (0: no cache)."
+    )
+    result_cache_ttl_s: int = Field(3600, ge=1, description="How long cached answers live in Redis.")
     json_logs: bool = Field(True, description="One JSON access line per request on stdout (no prompts, no keys).")
 
     # --- OpenAI-compatible API

@@ -44,6 +44,7 @@ def to_batch_item(request_id: str, images: list[bytes], request: InferenceReques
         prompt=request.text_prompt,
         system=request.system_prompt,
         params=request.sampling_params(),
+        cache=request.cache,
     )
 
 
@@ -66,6 +67,7 @@ def inference_response(
         box=result.box,
         finish_reason=result.finish_reason,
         usage=result.usage,
+        cached=result.cached,
         processing_time=elapsed,
         model_info=ModelInfoBrief(
             model_name=model_name,

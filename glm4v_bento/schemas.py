@@ -27,6 +27,7 @@ class InferenceRequest(SamplingParams):
     )
     text_prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS, description="What to ask about the image.")
     system_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    cache: bool = Field(True, description="Answer from the result cache when possible (deterministic requests).")
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams.model_validate(self.model_dump(include=set(SamplingParams.model_fields)))
@@ -59,6 +60,7 @@ class InferenceResponse(BaseModel):
     finish_reason: FinishReason | None = None
     error: str | None = None
     usage: Usage | None = None
+    cached: bool = Field(False, description="Served from the result cache.")
     processing_time: float = Field(description="Seconds from receiving the request to answering it.")
     model_info: ModelInfoBrief | None = None
     timestamp: str
@@ -81,6 +83,7 @@ class BatchItem(BaseModel):
     prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS)
     system: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    cache: bool = Field(True, description="Use the result cache (deterministic requests only).")
 
 
 class BatchOutcome(BaseModel):
@@ -104,6 +107,7 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    cached: bool = False
 
 
 class HealthResponse(BaseModel):

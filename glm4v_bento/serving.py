@@ -30,6 +30,7 @@ from glm4v_bento.engine import (
 )
 from glm4v_bento.images import ImageError, ImageLimits, load_image
 from glm4v_bento.model_source import ModelSource, revision_of
+from glm4v_bento.result_cache import ResultCache, cache_key, is_deterministic
 from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class ModelHost:
         self.on_result: Callable[[GenerationResult], None] | None = None
         # Told after every scheduler step: (rows running, requests waiting).
         self.on_step: Callable[[int, int], None] | None = None
+        self.cache: ResultCache | None = None
+        self.on_cache: Callable[[bool], None] | None = None  # told of each lookup (hit or miss)
+        self._cache_keys: dict[str, str] = {}  # request id -> key, until the result is stored
         self._ready = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(resolve_path,), name="glm4v-loader", daemon=True)
         self._loader.start()
@@ -132,7 +136,12 @@ class ModelHost:
         requests: list[tuple[int, GenerationRequest]] = []
         for index, item in enumerate(items):
             try:
-                requests.append((index, self.to_request(item.request_id, _decode_base64(item.images_b64), item)))
+                images = _decode_base64(item.images_b64)
+                hit = self._cached(item, images)
+                if hit is not None:
+                    outcomes[index] = BatchOutcome(request_id=item.request_id, status=200, result=hit)
+                    continue
+                requests.append((index, self.to_request(item.request_id, images, item)))
             except ImageError as exc:
                 outcomes[index] = BatchOutcome(
                     request_id=item.request_id, status=image_error_status(exc), error=str(exc)
@@ -176,6 +185,7 @@ class ModelHost:
 
     def release(self, request_id: str) -> None:
         self._claims.pop(request_id, None)
+        self._cache_keys.pop(request_id, None)
 
     async def result_of(self, outcome: BatchOutcome, claim: asyncio.Future[RequestHandle]) -> BatchOutcome:
         """The final outcome of a batched item: as the batcher answered it, or, when the batcher
@@ -186,9 +196,33 @@ class ModelHost:
 
     def completed(self, result: GenerationResult) -> GenerationResult:
         """Report a result a client is about to receive (in the client's request context)."""
+        key = self._cache_keys.pop(result.request_id or "", None)
+        if key is not None and self.cache is not None and result.finish_reason in ("stop", "length"):
+            self.cache.put(key, result)
         if self.on_result is not None:
             self.on_result(result)
         return result
+
+    def _cached(self, item: BatchItem, images: list[bytes]) -> GenerationResult | None:
+        """A stored answer to exactly this request, if there is one (and caching applies)."""
+        if self.cache is None or not item.cache or not is_deterministic(item.params):
+            return None
+        key = cache_key(
+            model=self.source.ref,
+            revision=revision_of(self.model_path or "", self.source.revision),
+            images=images,
+            prompt=item.prompt,
+            system=item.system,
+            history=[],
+            params=item.params,
+        )
+        hit = self.cache.get(key)
+        if self.on_cache is not None:
+            self.on_cache(hit is not None)
+        if hit is None:
+            self._cache_keys[item.request_id] = key
+            return None
+        return hit.model_copy(update={"cached": True, "request_id": item.request_id})
 
     def to_request(self, request_id: str, images: list[bytes], item: BatchItem) -> GenerationRequest:
         """Decode the images (within the limits) and form the engine request."""

@@ -87,6 +87,14 @@ CASES = [
     ("no image at all", "POST", INFER, form(None, {"text_prompt": "x"}), 400, "image_file"),
     ("json body instead of a form", "POST", INFER, {"json": {"text_prompt": "x"}}, 400, "image_file"),
     ("empty body", "POST", INFER, {"content": b""}, 400, "image_file"),
+    (
+        "multipart without a boundary",
+        "POST",
+        INFER,
+        {"headers": {"content-type": "multipart/form-data"}, "content": b"x"},
+        400,
+        "malformed multipart",
+    ),
     # request_data
     ("request_data not json", "POST", INFER, form(PNG, "{not json"), 400, "request_data"),
     ("request_data a list", "POST", INFER, form(PNG, [1, 2]), 400, "request_data"),

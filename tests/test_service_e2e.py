@@ -41,7 +41,8 @@ def post_inference(url: str, image: bytes, request_data: dict | None = None, nam
 
 
 def greedy(prompt: str, tokens: int) -> dict:
-    return {"text_prompt": prompt, "max_tokens": tokens, "ignore_eos": True}
+    # No result cache here: these tests compare generations, which a cache hit would skip.
+    return {"text_prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "cache": False}
 
 
 def test_tutorial_curl_command_works_unchanged(server, tmp_path):
@@ -282,3 +283,22 @@ def test_service_metrics_on_the_metrics_endpoint(server):
     for name in ("glm4v_queue_depth", "glm4v_running_sequences", "glm4v_batch_occupancy_bucket",
                  "glm4v_inter_token_latency_seconds_bucket", "glm4v_prompt_tokens_total"):  # fmt: skip
         assert name in text, name
+
+
+def test_deterministic_answers_come_from_the_result_cache(server):
+    image = encode(make_image(44, 44, (1, 2, 3)))
+    request = {"text_prompt": "cache me", "max_tokens": 9, "ignore_eos": True}
+    hits = _metric(server.url, 'glm4v_result_cache_total{outcome="hit"}')
+    first = post_inference(server.url, image, request).json()
+    second = post_inference(server.url, image, request).json()
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert second["text"] == first["text"] and second["usage"] == first["usage"]
+    assert _metric(server.url, 'glm4v_result_cache_total{outcome="hit"}') == hits + 1
+    opted_out = post_inference(server.url, image, {**request, "cache": False}).json()
+    assert opted_out["cached"] is False and opted_out["text"] == first["text"]
+    other_image = post_inference(server.url, encode(make_image(44, 44, (9, 9, 9))), request).json()
+    assert other_image["cached"] is False  # the key covers the image bytes
+    unseeded = {**request, "temperature": 0.8}
+    assert [post_inference(server.url, image, unseeded).json()["cached"] for _ in range(2)] == [False, False]
+    seeded = {**request, "temperature": 0.8, "seed": 3}
+    assert [post_inference(server.url, image, seeded).json()["cached"] for _ in range(2)] == [False, True]

@@ -103,5 +103,6 @@ class GenerationResult(BaseModel):
     finish_reason: FinishReason
     error: str | None = None
     error_type: ErrorType | None = None
+    cached: bool = Field(False, description="Served from the result cache, not generated again.")
     usage: Usage
     timings: Timings
