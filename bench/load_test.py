@@ -102,11 +102,11 @@ async def batch(http: httpx.AsyncClient, tokens: int) -> int:
 KINDS = ["native", "stream", "openai", "openai-stream", "batch"]
 
 
-async def client(url: str, index: int, deadline: float, tokens: int, tally: dict) -> None:
+async def client(url: str, index: int, deadline: float, tokens: int, tally: dict, kinds: list[str]) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         turn = index
         while time.monotonic() < deadline:
-            kind = KINDS[turn % len(KINDS)]
+            kind = kinds[turn % len(kinds)]
             turn += 1
             started = time.perf_counter()
             try:
@@ -147,7 +147,7 @@ async def run(url: str, worker_pid: int, args: argparse.Namespace) -> tuple[dict
             await asyncio.sleep(2)
 
     await asyncio.gather(
-        sample_memory(), *(client(url, i, deadline, args.max_tokens, tally) for i in range(args.clients))
+        sample_memory(), *(client(url, i, deadline, args.max_tokens, tally, args.apis) for i in range(args.clients))
     )
     return tally, memory
 
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--apis", nargs="+", choices=KINDS, default=KINDS, help="which APIs the clients call")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "| API | answered | mean latency (s) | refused 429/503 |",
         "|---|---:|---:|---:|",
     ]
-    for kind in KINDS:
+    for kind in args.apis:
         answered = int(tally[(kind, 200)])
         refused_kind = int(tally[(kind, 429)] + tally[(kind, 503)])
         mean = tally[("latency", kind)] / answered if answered else 0.0

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running generations may finish before they are cancelled."
     )
+    max_streams: int = Field(64, ge=1, description="Streamed requests open at once; more are refused with 429.")
     max_queue: int = Field(256, ge=0, description="Requests waiting for a place; more are refused at once (429).")
 
     # --- access control and rate limits

@@ -87,7 +87,7 @@ def create_routes(
                 raise OpenAIError(503, host.not_ready_message(), code="model_not_ready")
             generation = await _to_generation_request(body, host, url_policy, completion_id)
             try:
-                handle = host.engine.submit(generation, stream=body.stream)
+                handle = host.open_stream(generation) if body.stream else host.engine.submit(generation)
             except QueueFullError as exc:
                 raise OpenAIError(429, str(exc), code="queue_full") from None
             except EngineClosedError as exc:

@@ -63,6 +63,8 @@ class ModelHost:
         self.cache: ResultCache | None = None
         self.on_cache: Callable[[bool], None] | None = None  # told of each lookup (hit or miss)
         self._cache_keys: dict[str, str] = {}  # request id -> key, until the result is stored
+        self._open_streams = 0
+        self._streams_lock = threading.Lock()
         self._ready = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(resolve_path,), name="glm4v-loader", daemon=True)
         self._loader.start()
@@ -235,7 +237,23 @@ class ModelHost:
         """Start a streamed request (no batcher: it joins the running batch directly)."""
         if self.engine is None:
             raise RuntimeError(self.not_ready_message())
-        return self.engine.submit(self.to_request(request_id, images, item), stream=True)
+        return self.open_stream(self.to_request(request_id, images, item))
+
+    def open_stream(self, request: GenerationRequest) -> RequestHandle:
+        """Submit a streamed request within the open-streams limit (QueueFullError past it)."""
+        with self._streams_lock:
+            if self._open_streams >= self.settings.max_streams:
+                raise QueueFullError(
+                    f"{self._open_streams} streams are open (the limit is {self.settings.max_streams})"
+                )
+            handle = self.engine.submit(request, stream=True)
+            self._open_streams += 1
+        handle.add_done_callback(self._stream_closed)
+        return handle
+
+    def _stream_closed(self, _: RequestHandle) -> None:
+        with self._streams_lock:
+            self._open_streams -= 1
 
     def cancel(self, request_id: str) -> None:
         if self.engine is not None:

@@ -70,3 +70,23 @@ def test_a_model_that_cannot_load_makes_the_host_unhealthy(tmp_path):
     assert broken.health().status == "unhealthy"
     outcomes = asyncio.run(broken.run_batch([item("x", [])]))
     assert outcomes[0].status == 503 and "failed to load" in outcomes[0].error
+
+
+def test_open_streams_are_limited(tiny_model_dir):
+    from glm4v_bento.engine import GenerationRequest, QueueFullError
+
+    streams = host_for(str(tiny_model_dir), max_streams=2)
+    assert streams.wait_ready(60), streams.error
+    try:
+        long = GenerationRequest("long", params=SamplingParams(max_new_tokens=6000, ignore_eos=True))
+        first, second = streams.open_stream(long), streams.open_stream(long)
+        with pytest.raises(QueueFullError, match="the limit is 2"):
+            streams.open_stream(long)
+        first.cancel()
+        first.result(timeout=30)
+        third = streams.open_stream(long)  # a closed stream frees its place
+        for handle in (second, third):
+            handle.cancel()
+            handle.result(timeout=30)
+    finally:
+        streams.close()

@@ -59,6 +59,10 @@ class RequestHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, callback) -> None:
+        """Call ``callback(handle)`` once the request has its result (at once if it has)."""
+        self._future.add_done_callback(lambda _: callback(self))
+
     def result(self, timeout: float | None = None) -> GenerationResult:
         return self._future.result(timeout)
 
