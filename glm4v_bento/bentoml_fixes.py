@@ -1,4 +1,4 @@
-"""Two fixes to BentoML (1.4) behaviour, installed once when the service module loads.
+"""Three fixes to BentoML (1.4) behaviour, installed once when the service module loads.
 
 1. File fields take uploaded files only, and a malformed multipart body (no boundary, say) is
    a 400, not a 500. BentoML's multipart parser treats a *text* value
@@ -9,10 +9,15 @@
    request, when parsing the input and again when choosing the response's media type; under
    load that was about a quarter of the server's CPU. A type's schema never changes, so it is
    generated once per type and copied out.
+3. The request-timeout middleware arms a timer per request and leaves it armed after the
+   request is answered, so every request is held in memory until its timeout (600 s here)
+   has passed: under load, gigabytes. Here the timer is cancelled when the request ends;
+   the behaviour is otherwise the same (504 if no response has started in time).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
@@ -26,6 +31,49 @@ from starlette.formparsers import MultiPartException
 def install() -> None:
     _refuse_text_in_file_fields()
     _cache_root_model_schemas()
+    _disarm_request_timers()
+
+
+def _disarm_request_timers() -> None:
+    from bentoml._internal.server.http import traffic
+    from starlette.responses import JSONResponse
+
+    middleware = traffic.TimeoutMiddleware
+    if getattr(middleware, "_glm4v_fixed", False):
+        return
+
+    async def call(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()  # done once the response has started
+
+        def expire() -> None:
+            if not started.done():
+                started.set_exception(TimeoutError())
+
+        timer = loop.call_later(self.timeout, expire)
+
+        async def watching_send(message: Any) -> None:
+            if not started.done():
+                started.set_result(None)
+            await send(message)
+
+        handling = asyncio.ensure_future(self.app(scope, receive, watching_send))
+        try:
+            await started
+        except TimeoutError:
+            if handling.cancel():
+                message = f"the request was not answered within {self.timeout} seconds"
+                await JSONResponse({"error": message}, status_code=504)(scope, receive, send)
+            return
+        finally:
+            timer.cancel()  # the fix: nothing keeps the finished request alive
+        await handling
+
+    middleware.__call__ = call
+    middleware._glm4v_fixed = True
 
 
 def _cache_root_model_schemas() -> None:

@@ -26,7 +26,11 @@ def test_drain_lets_short_work_finish_and_ends_the_rest(loaded_model):
     engine = Engine(loaded_model)
     short = engine.submit(long_request(20))
     endless = engine.submit(long_request(7000))
-    drainer = threading.Thread(target=engine.drain, args=(1.0,))
+    deadline = time.monotonic() + 30
+    while engine.running < 2 and not short.done:  # both admitted before the drain starts
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    drainer = threading.Thread(target=engine.drain, args=(3.0,))
     drainer.start()
     time.sleep(0.05)
     with pytest.raises(EngineClosedError, match="shutting down"):
