@@ -47,7 +47,7 @@ DATA_URI = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
 
 
 async def native(http: httpx.AsyncClient, tokens: int) -> int:
-    data = {"request_data": json.dumps({"text_prompt": "describe", "max_tokens": tokens})}
+    data = {"request_data": json.dumps({"text_prompt": "describe", "max_tokens": tokens, "cache": False})}
     response = await http.post("/v1/vision/inference", files={"image_file": ("a.png", IMAGE)}, data=data)
     if response.status_code == 200 and response.json().get("status") != "success":
         return 599
@@ -55,7 +55,7 @@ async def native(http: httpx.AsyncClient, tokens: int) -> int:
 
 
 async def native_stream(http: httpx.AsyncClient, tokens: int) -> int:
-    data = {"request_data": json.dumps({"text_prompt": "describe", "max_tokens": tokens})}
+    data = {"request_data": json.dumps({"text_prompt": "describe", "max_tokens": tokens, "cache": False})}
     async with http.stream("POST", "/v1/vision/stream", files={"image_file": ("a.png", IMAGE)}, data=data) as response:
         if response.status_code != 200:
             return response.status_code
@@ -92,7 +92,7 @@ async def openai_chat(http: httpx.AsyncClient, tokens: int, stream: bool) -> int
 
 async def batch(http: httpx.AsyncClient, tokens: int) -> int:
     files = [("image_files", (f"{i}.png", IMAGE, "image/png")) for i in range(3)]
-    data = {"batch_request": json.dumps({"requests": [{"text_prompt": "x", "max_tokens": tokens}] * 3})}
+    data = {"batch_request": json.dumps({"requests": [{"text_prompt": "x", "max_tokens": tokens, "cache": False}] * 3})}
     response = await http.post("/v1/vision/batch-inference", files=files, data=data)
     if response.status_code == 200 and any(r["status"] != "success" for r in response.json()["results"]):
         return 599
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`bench/load_test.py`, {date.today().isoformat()}, model `{args.model}` ({cpu_name()}), through `bentoml "
         f"serve` with GLM4V_MAX_CONCURRENCY={env['GLM4V_MAX_CONCURRENCY']}. Closed-loop clients cycle through native "
-        f"inference, native streaming, OpenAI chat (plain and streamed) and 3-item batch inference, {args.max_tokens} "
+        "inference, native streaming, OpenAI chat (plain and streamed) and 3-item batch inference (result cache "
+        f"off), {args.max_tokens} "
         "new tokens each; a refused client waits 0.2 s before its next request.",
         "",
         "| API | answered | mean latency (s) | refused 429/503 |",

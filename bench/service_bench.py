@@ -43,7 +43,11 @@ def _image() -> bytes:
 
 async def _client(http: httpx.AsyncClient, url: str, count: int, tokens: int, latencies: list, errors: list) -> None:
     image = _image()
-    data = {"request_data": json.dumps({"text_prompt": "describe", "max_tokens": tokens, "ignore_eos": True})}
+    data = {
+        "request_data": json.dumps(
+            {"text_prompt": "describe", "max_tokens": tokens, "ignore_eos": True, "cache": False}
+        )
+    }
     for _ in range(count):
         started = time.perf_counter()
         response = await http.post(f"{url}/v1/vision/inference", files={"image_file": ("a.png", image)}, data=data)
@@ -104,7 +108,7 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         "",
         f"`bench/service_bench.py`, {date.today().isoformat()}, model `{args.model}`, through `bentoml serve` "
         f"on this machine ({args.machine}). Each request: one 64x48 image, greedy, exactly {args.max_tokens} "
-        "new tokens; closed-loop clients (each sends its next request when the last one returns). "
+        "new tokens, result cache off; closed-loop clients (each sends its next request when the last one returns). "
         "Off = no batching anywhere (`GLM4V_ADAPTIVE_BATCHING=false GLM4V_MAX_RUNNING=1`: each request "
         "runs alone); the ratio compares each set-up with off at the same concurrency.",
         "",

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from glm4v_bento.http_limits import OPENAI_PREFIXES, ASGIApp, Receive, Scope, Send, is_internal
+from glm4v_bento.http_limits import ASGIApp, Receive, Scope, Send, is_internal, reply_error
 
 OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/health", "/", "/docs.json", "/schema.json"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
@@ -85,16 +84,6 @@ def _bearer(scope: Scope) -> bytes:
 
 
 async def _unauthorized(scope: Scope, send: Send, reason: str) -> None:
+    challenge = [(b"www-authenticate", b'Bearer realm="glm4v"')]
     message = f"{reason}: this server requires an API key"
-    if scope["path"].startswith(OPENAI_PREFIXES):
-        error: object = {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
-    else:
-        error = message
-    body = json.dumps({"error": error}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b'Bearer realm="glm4v"'),
-    ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await reply_error(scope, send, 401, message, code="invalid_api_key", headers=challenge)

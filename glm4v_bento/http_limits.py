@@ -102,15 +102,28 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reply(scope: Scope, send: Send, status: int, message: str) -> None:
+async def reply_error(
+    scope: Scope,
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer with a JSON error: OpenAI's shape on the OpenAI routes, ``{"error": message}`` elsewhere."""
     if scope["path"].startswith(OPENAI_PREFIXES):  # OpenAI clients expect their error shape
         kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-        error: object = {"message": message, "type": kind, "param": None, "code": None}
+        error: object = {"message": message, "type": kind, "param": None, "code": code}
     else:
         error = message
     body = json.dumps({"error": error}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 429:
-        headers.append((b"retry-after", b"1"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    all_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    all_headers += headers or []
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _reply(scope: Scope, send: Send, status: int, message: str) -> None:
+    retry = [(b"retry-after", b"1")] if status == 429 else []
+    await reply_error(scope, send, status, message, headers=retry)

@@ -11,7 +11,6 @@ several replicas enforce one shared limit.
 from __future__ import annotations
 
 import contextvars
-import json
 import math
 import threading
 import time
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from glm4v_bento.http_limits import OPENAI_PREFIXES, ASGIApp, Receive, Scope, Send, is_internal
+from glm4v_bento.http_limits import ASGIApp, Receive, Scope, Send, is_internal, reply_error
 
 # Who the current request is, for charging its generated tokens when it ends.
 current_client: contextvars.ContextVar[str | None] = contextvars.ContextVar("glm4v_client", default=None)
@@ -177,15 +176,5 @@ def client_identity(scope: Scope) -> str:
 
 async def _too_many(scope: Scope, send: Send, limit: str, retry_after_s: float) -> None:
     message = f"rate limit reached ({limit}); retry in {math.ceil(retry_after_s)} s"
-    if scope["path"].startswith(OPENAI_PREFIXES):
-        error: object = {"message": message, "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
-    else:
-        error = message
-    body = json.dumps({"error": error}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    retry = [(b"retry-after", str(max(1, math.ceil(retry_after_s))).encode())]
+    await reply_error(scope, send, 429, message, code="rate_limit_exceeded", headers=retry)
