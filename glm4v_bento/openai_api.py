@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -85,9 +86,26 @@ def create_routes(
                                   "model", "model_not_found")  # fmt: skip
             if not host.ready or host.engine is None:
                 raise OpenAIError(503, host.not_ready_message(), code="model_not_ready")
-            generation = await _to_generation_request(body, host, url_policy, completion_id)
+            prepared = await _to_generation_request(body, host, url_policy, completion_id)
+            generation = prepared.request
+            hit = None
+            if not body.stream:
+                hit = host.cached_answer(
+                    completion_id,
+                    generation.params,
+                    body.cache,
+                    images=prepared.image_bytes,
+                    prompt=generation.prompt,
+                    system=generation.system,
+                    history=prepared.history,
+                )
             try:
-                handle = host.open_stream(generation) if body.stream else host.engine.submit(generation)
+                if hit is not None:
+                    handle = None
+                elif body.stream:
+                    handle = host.open_stream(generation)
+                else:
+                    handle = host.engine.submit(generation)
             except QueueFullError as exc:
                 raise OpenAIError(429, str(exc), code="queue_full") from None
             except EngineClosedError as exc:
@@ -99,7 +117,7 @@ def create_routes(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse_events(handle, completion_id, served_model, include_usage, host.completed)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = host.completed(await handle.wait())
+        result = hit if handle is None else host.completed(await handle.wait())
         if result.finish_reason not in ("stop", "length"):
             return _failure(result).response()
         completion = ChatCompletion(
@@ -114,7 +132,7 @@ def create_routes(
             ],
             usage=CompletionUsage(**result.usage.model_dump()),
         )
-        return JSONResponse(completion.model_dump())
+        return JSONResponse(completion.model_dump(), headers={"X-GLM4V-Cache": "hit" if result.cached else "miss"})
 
     return [
         Route("/v1/models", list_models, methods=["GET"]),
@@ -141,19 +159,27 @@ async def _parse(request: Request) -> ChatCompletionRequest:
     return body
 
 
+@dataclass
+class _Prepared:
+    request: GenerationRequest
+    image_bytes: list[bytes]  # the last message's, for the result cache key
+    history: list[tuple[str, str, list[bytes]]]
+
+
 async def _to_generation_request(
     body: ChatCompletionRequest, host: ModelHost, policy: URLPolicy, request_id: str
-) -> GenerationRequest:
+) -> _Prepared:
     system = "\n".join(_text(m) for m in body.messages if m.role == "system") or None
     turns = [(i, m) for i, m in enumerate(body.messages) if m.role != "system"]
     if not turns or turns[-1][1].role != "user":
         raise OpenAIError(400, "the last message must come from the user", "messages")
-    history = []
+    history, raw_history = [], []
     for index, message in turns[:-1]:
         images = await _images(message, index, host, policy)
         if images and message.role == "assistant":
             raise OpenAIError(400, "assistant messages cannot carry images", f"messages.{index}.content")
-        history.append(Turn(message.role, _text(message), images))
+        history.append(Turn(message.role, _text(message), [image for _, image in images]))
+        raw_history.append((message.role, _text(message), [data for data, _ in images]))
     last_index, last = turns[-1]
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     try:
@@ -170,14 +196,16 @@ async def _to_generation_request(
     except ValidationError as exc:
         first = exc.errors()[0]
         raise OpenAIError(400, f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
-    return GenerationRequest(
+    images = await _images(last, last_index, host, policy)
+    request = GenerationRequest(
         prompt=_text(last),
-        images=await _images(last, last_index, host, policy),
+        images=[image for _, image in images],
         system=system,
         history=history,
         params=params,
         request_id=request_id,
     )
+    return _Prepared(request, [data for data, _ in images], raw_history)
 
 
 def _text(message: Message) -> str:
@@ -186,7 +214,8 @@ def _text(message: Message) -> str:
     return "\n".join(part.text for part in message.content if not isinstance(part, ImagePart))
 
 
-async def _images(message: Message, index: int, host: ModelHost, policy: URLPolicy) -> list[Any]:
+async def _images(message: Message, index: int, host: ModelHost, policy: URLPolicy) -> list[tuple[bytes, Any]]:
+    """The message's images as (bytes, decoded image) pairs."""
     if not isinstance(message.content, list):
         return []
     images = []
@@ -196,7 +225,7 @@ async def _images(message: Message, index: int, host: ModelHost, policy: URLPoli
         param = f"messages.{index}.content.{number}.image_url"
         try:
             data = await image_bytes(part.image_url.url, policy)
-            images.append(await anyio.to_thread.run_sync(load_image, data, host.limits))
+            images.append((data, await anyio.to_thread.run_sync(load_image, data, host.limits)))
         except ImageURLError as exc:
             raise OpenAIError(400, str(exc), param, "invalid_image_url") from None
         except ImageError as exc:

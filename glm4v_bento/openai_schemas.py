@@ -62,6 +62,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    cache: bool = Field(True, description="Answer from the result cache when possible (deterministic, not streamed).")
 
     @field_validator("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
     @classmethod

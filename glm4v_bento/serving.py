@@ -139,7 +139,9 @@ class ModelHost:
         for index, item in enumerate(items):
             try:
                 images = _decode_base64(item.images_b64)
-                hit = self._cached(item, images)
+                hit = self.cached_answer(
+                    item.request_id, item.params, item.cache, images=images, prompt=item.prompt, system=item.system
+                )
                 if hit is not None:
                     outcomes[index] = BatchOutcome(request_id=item.request_id, status=200, result=hit)
                     continue
@@ -205,26 +207,37 @@ class ModelHost:
             self.on_result(result)
         return result
 
-    def _cached(self, item: BatchItem, images: list[bytes]) -> GenerationResult | None:
-        """A stored answer to exactly this request, if there is one (and caching applies)."""
-        if self.cache is None or not item.cache or not is_deterministic(item.params):
+    def cached_answer(
+        self,
+        request_id: str,
+        params: SamplingParams,
+        use_cache: bool,
+        *,
+        images: list[bytes],
+        prompt: str,
+        system: str | None,
+        history: list[tuple[str, str, list[bytes]]] | None = None,
+    ) -> GenerationResult | None:
+        """A stored answer to exactly this request, if caching applies and there is one. On a
+        miss the request is remembered, and ``completed`` stores its answer."""
+        if self.cache is None or not use_cache or not is_deterministic(params):
             return None
         key = cache_key(
             model=self.source.ref,
             revision=revision_of(self.model_path or "", self.source.revision),
             images=images,
-            prompt=item.prompt,
-            system=item.system,
-            history=[],
-            params=item.params,
+            prompt=prompt,
+            system=system,
+            history=history or [],
+            params=params,
         )
         hit = self.cache.get(key)
         if self.on_cache is not None:
             self.on_cache(hit is not None)
         if hit is None:
-            self._cache_keys[item.request_id] = key
+            self._cache_keys[request_id] = key
             return None
-        return hit.model_copy(update={"cached": True, "request_id": item.request_id})
+        return hit.model_copy(update={"cached": True, "request_id": request_id})
 
     def to_request(self, request_id: str, images: list[bytes], item: BatchItem) -> GenerationRequest:
         """Decode the images (within the limits) and form the engine request."""

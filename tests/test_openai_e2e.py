@@ -187,3 +187,14 @@ def test_closing_a_stream_cancels_the_generation(client, server):
     while httpx.get(f"{server.url}/health").json()["running"] != 0:
         assert time.monotonic() < deadline, "the closed stream kept generating"
         time.sleep(0.1)
+
+
+def test_repeated_deterministic_requests_hit_the_result_cache(client):
+    request = {"model": MODEL, "messages": [user("cache this one")], "max_tokens": 12, "temperature": 0}
+    first = client.chat.completions.with_raw_response.create(**request)
+    second = client.chat.completions.with_raw_response.create(**request)
+    assert (first.headers["x-glm4v-cache"], second.headers["x-glm4v-cache"]) == ("miss", "hit")
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert second.parse().usage.total_tokens == first.parse().usage.total_tokens
+    opted_out = client.chat.completions.with_raw_response.create(**request, extra_body={"cache": False})
+    assert opted_out.headers["x-glm4v-cache"] == "miss"
