@@ -3,7 +3,8 @@
 Starts `bentoml serve` on the given model, then runs --clients closed-loop clients for
 --seconds, each picking in turn: native inference, native streaming, OpenAI chat (streamed
 or not), and batch inference. Every request must end with a result or an explicit 429/503:
-a 5xx, a transport error or a stream without its final event counts as lost. The server's
+a 5xx, a transport error or a stream without its final event counts as lost (counted at the
+client, which sees every answer). The server's
 resident memory is sampled throughout. The table goes to stdout and, with --output, into
 docs/benchmarks.md; the exit status is 1 if anything was lost or failed.
 
@@ -175,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         worker_pid = int(workers[-1])
         print(f"# {args.clients} clients for {args.seconds:g} s ...", file=sys.stderr, flush=True)
         tally, memory = asyncio.run(run(server.url, worker_pid, args))
-        server_errors = server.log().count("status=500")
     finally:
         server.stop()
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         f"Answered {int(ok)}, refused with 429/503 {int(refused)}, lost (5xx, transport errors, streams without "
-        f"their end) {sum(lost.values())} {lost or ''}, 500s in the server log: {server_errors}. Server resident "
+        f"their end) {sum(lost.values())} {lost or ''}. Server resident "
         f"memory (MB) at 0/25/50/75/100% of the run: {' / '.join(_quartiles(memory))}; at most {max(memory):.0f}.",
         f"<!-- {SECTION}:end -->",
     ]
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     print(section)
     if args.output:
         write_section(args.output, section, SECTION)
-    return 0 if not lost and server_errors == 0 else 1
+    return 0 if not lost else 1
 
 
 if __name__ == "__main__":
