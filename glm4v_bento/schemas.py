@@ -118,8 +118,3 @@ class HealthResponse(BaseModel):
     running: int = Field(description="Requests in the batch that runs now.")
     timestamp: str
     error: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: str
-    request_id: str | None = None
