@@ -90,7 +90,7 @@ def create_routes(
             generation = prepared.request
             hit = None
             if not body.stream:
-                hit = host.cached_answer(
+                hit = await host.cached_answer(
                     completion_id,
                     generation.params,
                     body.cache,

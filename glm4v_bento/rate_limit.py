@@ -15,10 +15,16 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import anyio
+
 from glm4v_bento.http_limits import ASGIApp, Receive, Scope, Send, is_internal, reply_error
+
+# Charges to remote buckets, made in order off the event loop.
+_background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-rate-limit")
 
 # Who the current request is, for charging its generated tokens when it ends.
 current_client: contextvars.ContextVar[str | None] = contextvars.ContextVar("glm4v_client", default=None)
@@ -135,9 +141,17 @@ class RateLimiter:
                 return decision, f"{self.rpm} requests per minute"
         return Decision(True), ""
 
+    @property
+    def remote(self) -> bool:
+        """Buckets behind a network call (Redis): keep such calls off the event loop."""
+        return not isinstance(self.buckets, MemoryBuckets)
+
     def charge_tokens(self, client: str | None, tokens: int) -> None:
         if self.tpm and client and tokens > 0:
-            self.buckets.charge(f"tok:{client}", self.tpm, self.tpm / 60, tokens)
+            if self.remote:  # called from the event loop: the round trip happens in the background
+                _background.submit(self.buckets.charge, f"tok:{client}", self.tpm, self.tpm / 60, tokens)
+            else:
+                self.buckets.charge(f"tok:{client}", self.tpm, self.tpm / 60, tokens)
 
 
 class RateLimitMiddleware:
@@ -156,7 +170,10 @@ class RateLimitMiddleware:
         token = current_client.set(client)
         try:
             if self.limiter.enabled:
-                decision, limit = self.limiter.admit(client)
+                if self.limiter.remote:
+                    decision, limit = await anyio.to_thread.run_sync(self.limiter.admit, client)
+                else:
+                    decision, limit = self.limiter.admit(client)
                 if not decision.allowed:
                     self.on_reject("rate_limited")
                     await _too_many(scope, send, limit, decision.retry_after_s)

@@ -13,9 +13,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from PIL import Image
 
 from glm4v_bento.config import Settings
@@ -30,10 +32,13 @@ from glm4v_bento.engine import (
 )
 from glm4v_bento.images import ImageError, ImageLimits, load_image
 from glm4v_bento.model_source import ModelSource, revision_of
-from glm4v_bento.result_cache import ResultCache, cache_key, is_deterministic
+from glm4v_bento.result_cache import MemoryResultCache, ResultCache, cache_key, is_deterministic
 from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
 
 logger = logging.getLogger(__name__)
+
+# Writes to a remote result cache, made in order off the event loop.
+_cache_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-cache")
 
 
 def now_iso() -> str:
@@ -139,7 +144,7 @@ class ModelHost:
         for index, item in enumerate(items):
             try:
                 images = _decode_base64(item.images_b64)
-                hit = self.cached_answer(
+                hit = await self.cached_answer(
                     item.request_id, item.params, item.cache, images=images, prompt=item.prompt, system=item.system
                 )
                 if hit is not None:
@@ -202,12 +207,15 @@ class ModelHost:
         """Report a result a client is about to receive (in the client's request context)."""
         key = self._cache_keys.pop(result.request_id or "", None)
         if key is not None and self.cache is not None and result.finish_reason in ("stop", "length"):
-            self.cache.put(key, result)
+            if isinstance(self.cache, MemoryResultCache):
+                self.cache.put(key, result)
+            else:  # a network round trip: not on the event loop
+                _cache_writer.submit(self.cache.put, key, result)
         if self.on_result is not None:
             self.on_result(result)
         return result
 
-    def cached_answer(
+    async def cached_answer(
         self,
         request_id: str,
         params: SamplingParams,
@@ -231,7 +239,10 @@ class ModelHost:
             history=history or [],
             params=params,
         )
-        hit = self.cache.get(key)
+        if isinstance(self.cache, MemoryResultCache):
+            hit = self.cache.get(key)
+        else:  # a network round trip: not on the event loop
+            hit = await anyio.to_thread.run_sync(self.cache.get, key)
         if self.on_cache is not None:
             self.on_cache(hit is not None)
         if hit is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -79,8 +80,12 @@ def test_two_replicas_share_one_rate_limit_through_redis(tiny_model_dir, tmp_pat
     try:
         for replica in replicas:
             replica.wait_ready()
-        codes = [infer(replicas[i % 2].url).status_code for i in range(5)]
-        assert codes == [200, 200, 200, 200, 429]
+        first = infer(replicas[0].url)
+        time.sleep(0.3)  # the answer is written to Redis just after it is sent
+        second = infer(replicas[1].url)  # the same deterministic request, on the other replica
+        assert (first.json()["cached"], second.json()["cached"]) == (False, True)  # one shared cache
+        codes = [infer(replicas[i % 2].url).status_code for i in range(3)]
+        assert codes == [200, 200, 429]  # 4 per minute across both replicas
         refused = infer(replicas[1].url)
         assert refused.status_code == 429
         assert "4 requests per minute" in refused.json()["error"] and int(refused.headers["retry-after"]) >= 1
