@@ -13,7 +13,7 @@ TINY := .models/tiny
 # pip on this kind of machine warns about every local index folder it skips; that is noise.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install tiny demo test test-slow container-test lint bench load-test bento clean redis-server
+.PHONY: help install tiny demo test test-slow container-test lint bench load-test gpu-bench bento clean redis-server
 
 help:
 	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
@@ -68,6 +68,9 @@ bench: $(TINY)/config.json
 	$(BIN)/python bench/engine_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/scheduler_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/service_bench.py --model $(TINY) --output docs/benchmarks.md
+
+gpu-bench: $(BIN)/.installed
+	$(BIN)/python bench/gpu_bench.py --output docs/benchmarks.md
 
 load-test: $(TINY)/config.json
 	$(BIN)/python bench/load_test.py --model $(TINY) --clients 64 --seconds 60 --output docs/benchmarks.md

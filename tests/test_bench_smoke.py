@@ -36,3 +36,26 @@ def test_scheduler_bench_runs_both_policies(tiny_model_dir, tmp_path):
     assert bench.main(args) == 0
     text = output.read_text()
     assert "| static |" in text and "| continuous |" in text and "Continuous p50 / static p50" in text
+
+
+def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
+    bench = _load("gpu_bench")
+    assert bench.main(["--tiny", "--concurrency", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 |" in table and "| 2 |" in table and "of bound" in table
+
+
+def test_gpu_bench_real_architecture_matches_the_published_size():
+    import torch
+
+    bench = _load("gpu_bench")
+    loaded = bench.build_model(False, torch.device("meta"), torch.bfloat16)  # shapes only, no memory
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    assert 10.0e9 < parameters < 10.6e9  # GLM-4.1V-9B-Thinking: about 10.3 B with the vision tower
+    text = loaded.model.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_key_value_heads, text.vocab_size) == (
+        40,
+        4096,
+        2,
+        151552,
+    )

@@ -1,0 +1,180 @@
+"""GPU benchmark: GLM-4.1V-9B's real architecture with random bf16 weights, built on the device.
+
+No download: the model is built from the real configuration (40 text layers, hidden 4096,
+32 heads, 2 KV heads, vocab 151552; 24 vision layers, hidden 1536) with random weights, which
+behaves like the real model for speed. It runs through the project's own engine and measures:
+- prefill time of one 1024x1024 image + a 50-token prompt;
+- single-stream decode tokens/s;
+- aggregate decode tokens/s at 8, 32 and 64 concurrent sequences (ignore_eos);
+- peak GPU memory;
+and gives each decode figure as a fraction of the memory-bandwidth bound: the bytes read per
+step (weights + KV cache) divided by the measured device copy bandwidth.
+
+    python bench/gpu_bench.py --output docs/benchmarks.md     # on a CUDA machine, bf16
+    python bench/gpu_bench.py --tiny                          # a small model on the CPU (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import cpu_name, write_section
+
+from glm4v_bento.engine import Engine, GenerationRequest, LoadedModel, SamplingParams, SchedulerLimits
+from glm4v_bento.tiny import EOS_TOKENS, build_config, build_processor, build_tokenizer
+
+SECTION = "gpu-bench"
+
+# GLM-4.1V-9B-Thinking's published configuration (shared/design.md).
+REAL_TEXT = {"hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 32,
+             "num_key_value_heads": 2, "vocab_size": 151552, "max_position_embeddings": 65536,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [8, 12, 12]}}  # fmt: skip
+REAL_VISION = {"depth": 24, "hidden_size": 1536, "num_heads": 12, "intermediate_size": 13696, "out_hidden_size": 4096,
+               "image_size": 336, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+
+
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The architecture with random weights, made directly on ``device`` (tiny: the test sizes)."""
+    from transformers import GenerationConfig, Glm4vForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer)
+    if not tiny:
+        for key, value in REAL_TEXT.items():
+            setattr(config.text_config, key, value)
+        for key, value in REAL_VISION.items():
+            setattr(config.vision_config, key, value)
+    processor = build_processor(tokenizer)
+    if not tiny:  # the real pixel budget: a 1024x1024 image stays about 1024x1024
+        processor.image_processor.size = {"shortest_edge": 12544, "longest_edge": 9633792}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Glm4vForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS])
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        model_id="GLM-4.1V-9B architecture, random weights" if not tiny else "tiny architecture, random weights",
+        revision=None,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=frozenset(model.generation_config.eos_token_id),
+        max_context=int(config.text_config.max_position_embeddings),
+        load_seconds=0.0,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _sync(device)
+    runs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        runs.append(time.perf_counter() - started)
+    return 2 * source.numel() / statistics.median(runs)
+
+
+def request(prompt_words: int, tokens: int, image: Image.Image | None) -> GenerationRequest:
+    prompt = " ".join(["describe"] * prompt_words)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    return GenerationRequest(prompt, images=[image] if image else [], params=params)
+
+
+def decode_rate(engine: Engine, sequences: int, tokens: int) -> tuple[float, float]:
+    """(aggregate decode tokens/s, mean context length) for ``sequences`` text-only rows."""
+    results = engine.generate([request(40, tokens, None) for _ in range(sequences)])
+    decode_s = max(r.timings.decode_s for r in results)
+    generated = sum(r.usage.completion_tokens - 1 for r in results)  # the first token comes from prefill
+    context = statistics.mean(r.usage.prompt_tokens + r.usage.completion_tokens / 2 for r in results)
+    return generated / decode_s, context
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="small model on the CPU (what the tests run)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if not args.tiny and device.type != "cuda":
+        print("error: the full benchmark needs a CUDA device (use --tiny on a CPU)", file=sys.stderr)
+        return 2
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    tokens = 16 if args.tiny else args.decode_tokens
+    image = Image.new("RGB", (112, 112) if args.tiny else (1024, 1024), (120, 80, 200))
+
+    print(f"# building the model on {device} ...", file=sys.stderr, flush=True)
+    loaded = build_model(args.tiny, device, dtype)
+    engine = Engine(loaded, limits=SchedulerLimits(max_running=max(args.concurrency), max_batch_tokens=10**9))
+    try:
+        engine.generate([request(50, 4, image)])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        prefill = statistics.median(engine.generate([request(50, 1, image)])[0].timings.prefill_s for _ in range(3))
+        rows = [(1, *decode_rate(engine, 1, tokens))]
+        for sequences in args.concurrency:
+            print(f"# {sequences} sequences ...", file=sys.stderr, flush=True)
+            rows.append((sequences, *decode_rate(engine, sequences, tokens)))
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    finally:
+        engine.close()
+
+    bandwidth = copy_bandwidth(device, 64 if args.tiny else 2048)
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    text = loaded.model.config.text_config
+    kv_per_token = (
+        2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    )
+    kv_per_token *= torch.finfo(dtype).bits // 8
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    lines = [
+        f"<!-- {SECTION}:start -->",
+        f"## GPU benchmark{' (tiny, CPU: a smoke run, not a GPU figure)' if args.tiny else ''}",
+        "",
+        f"`bench/gpu_bench.py`, {date.today().isoformat()}, {machine}, {loaded.model_id}, {str(dtype)[6:]}; "
+        f"weights {weights / 1e9:.2f} GB; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s. "
+        f"Prefill of one {image.width}x{image.height} image + 50-token prompt: {prefill * 1000:.1f} ms. "
+        f"Peak GPU memory: {peak / 2**30:.1f} GiB.",
+        "",
+        "| sequences | decode tokens/s | per sequence | bytes read per step | bound (tokens/s) | of bound |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for sequences, rate, context in rows:
+        step_bytes = weights + sequences * context * kv_per_token  # every step reads all weights and each row's KV
+        bound = sequences * bandwidth / step_bytes
+        lines.append(
+            f"| {sequences} | {rate:.1f} | {rate / sequences:.1f} | {step_bytes / 1e9:.2f} GB | {bound:.0f} | "
+            f"{rate / bound:.2f} |"
+        )
+    lines.append(f"<!-- {SECTION}:end -->")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if args.output:
+        write_section(args.output, section, SECTION)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
