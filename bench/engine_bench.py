@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import cpu_name, write_section
+from report import cpu_name, publish
 
 from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, load_model
 
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
     section = render(rows, args, machine)
-    print(section)
-    if args.output:
-        write_section(args.output, section, SECTION)
-        print(f"# written to {args.output}", file=sys.stderr)
+    publish(section, args.output, SECTION)
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import cpu_name, write_section
+from report import cpu_name, publish
 
 from glm4v_bento.engine import Engine, GenerationRequest, LoadedModel, SamplingParams, SchedulerLimits
 from glm4v_bento.tiny import EOS_TOKENS, build_config, build_processor, build_tokenizer
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines.append(f"<!-- {SECTION}:end -->")
     section = "\n".join(lines) + "\n"
-    print(section)
-    if args.output:
-        write_section(args.output, section, SECTION)
+    publish(section, args.output, SECTION)
     return 0
 
 

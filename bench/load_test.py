@@ -30,7 +30,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import cpu_name, write_section
+from report import cpu_name, publish
 
 from glm4v_bento.devserver import Server
 
@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         f"<!-- {SECTION}:end -->",
     ]
     section = "\n".join(lines) + "\n"
-    print(section)
-    if args.output:
-        write_section(args.output, section, SECTION)
+    publish(section, args.output, SECTION)
     return 0 if not lost else 1
 
 

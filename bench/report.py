@@ -29,3 +29,10 @@ def write_section(path: Path, section: str, name: str) -> None:
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->\n?", re.S)
     found = pattern.search(text)
     path.write_text(pattern.sub(lambda _: section, text) if found else text.rstrip("\n") + "\n\n" + section)
+
+
+def publish(section: str, output: Path | None, name: str) -> None:
+    """Print a benchmark's section and, when asked, write it into the Markdown file."""
+    print(section)
+    if output:
+        write_section(output, section, name)

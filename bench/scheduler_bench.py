@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import cpu_name, write_section
+from report import cpu_name, publish
 
 from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, SchedulerLimits, load_model
 
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {policy} | {row['p50']:.3f} | {row['p95']:.3f} | {row['long']:.2f} | {row['wall']:.2f} |")
     lines += ["", f"Continuous p50 / static p50 = {ratio:.3f} (target: at most 0.2).", f"<!-- {SECTION}:end -->"]
     section = "\n".join(lines) + "\n"
-    print(section)
-    if args.output:
-        write_section(args.output, section, SECTION)
+    publish(section, args.output, SECTION)
     return 0
 
 

@@ -28,7 +28,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import cpu_name, write_section
+from report import cpu_name, publish
 
 from glm4v_bento.devserver import Server
 
@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args.machine = cpu_name()
     results = {setup: run_server(args.model, setup, args) for setup in SETUPS}
     section = render(results, args)
-    print(section)
-    if args.output:
-        write_section(args.output, section, SECTION)
-        print(f"# written to {args.output}", file=sys.stderr)
+    publish(section, args.output, SECTION)
     return 0
 
 

@@ -43,6 +43,18 @@ class Server:
             start_new_session=True,
         )
 
+    def __enter__(self) -> Server:
+        """``with Server(...) as server:`` waits until it is ready and stops it afterwards."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def wait_listening(self, timeout: float = 120.0) -> None:
         self._wait(lambda response: True, timeout, "answer HTTP")
 

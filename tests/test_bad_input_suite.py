@@ -191,17 +191,13 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = Server(
+    with Server(
         tiny_model_dir,
         tmp_path_factory.mktemp("logs") / "serve.log",
         GLM4V_MAX_IMAGE_BYTES="300000",
         GLM4V_SERVED_MODEL_NAME="glm4v-tiny",
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_the_suite_is_big_enough():

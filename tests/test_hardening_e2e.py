@@ -30,18 +30,14 @@ def keyed(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("keyed")
     keys_file = folder / "keys.txt"
     keys_file.write_text(f"# one key per line\n{OTHER_KEY}\n")
-    srv = Server(
+    with Server(
         tiny_model_dir,
         folder / "serve.log",
         GLM4V_API_KEYS=KEY,
         GLM4V_API_KEYS_FILE=str(keys_file),
         GLM4V_SERVED_MODEL_NAME="glm4v-tiny",
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_apis_need_a_valid_key(keyed):

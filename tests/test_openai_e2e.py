@@ -19,18 +19,14 @@ IMAGE_URI = "data:image/png;base64," + base64.b64encode(encode(make_image(56, 56
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = Server(
+    with Server(
         tiny_model_dir,
         tmp_path_factory.mktemp("logs") / "serve.log",
         GLM4V_SERVED_MODEL_NAME=MODEL,
         # Even allowed hosts may not lead to loopback or private addresses.
         GLM4V_IMAGE_URL_ALLOWED_HOSTS="localhost,127.0.0.1",
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -25,12 +25,8 @@ HOUSE = Path(__file__).resolve().parent.parent / "examples" / "images" / "house.
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     # A small image limit so that the 413 path is cheap to reach.
-    srv = Server(tiny_model_dir, tmp_path_factory.mktemp("logs") / "serve.log", GLM4V_MAX_IMAGE_BYTES="300000")
-    try:
-        srv.wait_ready()
+    with Server(tiny_model_dir, tmp_path_factory.mktemp("logs") / "serve.log", GLM4V_MAX_IMAGE_BYTES="300000") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def post_inference(url: str, image: bytes, request_data: dict | None = None, name: str = "img.png"):

@@ -17,14 +17,10 @@ IMAGE = encode(make_image(56, 56))
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = Server(
+    with Server(
         tiny_model_dir, tmp_path_factory.mktemp("logs") / "serve.log", GLM4V_MAX_RUNNING="2", GLM4V_MAX_QUEUE="1"
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def form(request_data: dict) -> dict:
