@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (what the tests run)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps from CUDA graphs (--no-cuda-graphs: the same engine, eager)",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
 
@@ -127,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# building the model on {device} ...", file=sys.stderr, flush=True)
     loaded = build_model(args.tiny, device, dtype)
-    engine = Engine(loaded, limits=SchedulerLimits(max_running=max(args.concurrency), max_batch_tokens=10**9))
+    limits = SchedulerLimits(max_running=max(args.concurrency), max_batch_tokens=10**9)
+    engine = Engine(loaded, limits=limits, cuda_graphs=args.cuda_graphs)
     try:
         engine.generate([request(50, 4, image)])  # warm-up
         if device.type == "cuda":
@@ -140,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     finally:
         engine.close()
+    graphs = engine.runner.graphs
+    if graphs is None:
+        decode_mode = "eager decode steps (CUDA graphs off or not on CUDA)"
+    elif graphs.enabled:
+        decode_mode = f"decode steps replayed from CUDA graphs ({graphs.captured} captured)"
+    else:
+        decode_mode = "decode steps eager: CUDA graphs were turned off after a failed or mismatched capture (see log)"
 
     bandwidth = copy_bandwidth(device, 64 if args.tiny else 2048)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`bench/gpu_bench.py`, {date.today().isoformat()}, {machine}, {loaded.model_id}, {str(dtype)[6:]}; "
         f"weights {weights / 1e9:.2f} GB; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s. "
         f"Prefill of one {image.width}x{image.height} image + 50-token prompt: {prefill * 1000:.1f} ms. "
-        f"Peak GPU memory: {peak / 2**30:.1f} GiB.",
+        f"Peak GPU memory: {peak / 2**30:.1f} GiB. Static KV cache; {decode_mode}.",
         "",
         "| sequences | decode tokens/s | per sequence | bytes read per step | bound (tokens/s) | of bound |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel used by the language model and vision encoder."
     )
+    cuda_graphs: bool = Field(
+        True, description="Replay decode steps from CUDA graphs (one GPU only; checked against eager steps)."
+    )
 
     # --- fitting the model on smaller GPUs (the tutorial's device_map / max_memory / offload)
     device_map: str | None = Field(

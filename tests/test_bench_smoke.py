@@ -59,3 +59,16 @@ def test_gpu_bench_real_architecture_matches_the_published_size():
         2,
         151552,
     )
+
+
+def test_compare_revisions_runs_a_benchmark_on_both_sides(tiny_model_dir, tmp_path):
+    bench = _load("compare_revisions")
+    output = tmp_path / "benchmarks.md"
+    command = ["bench/engine_bench.py", "--model", str(tiny_model_dir), "--batch-sizes", "1", "2"]
+    command += ["--max-new-tokens", "3", "--repeats", "1"]
+    assert bench.main(["--base", "HEAD", "--rounds", "1", "--output", str(output), *command]) == 0
+    rows = [line for line in output.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2
+    for row in rows:
+        before, after = (float(cell) for cell in row.strip("|").split("|")[1:3])
+        assert before > 0 and after > 0

@@ -26,14 +26,17 @@ class Engine:
         default_max_new_tokens: int = 8192,
         max_images: int = 8,
         limits: SchedulerLimits | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
         self.prompts = PromptBuilder(loaded.processor, max_images=max_images)
+        limits = limits or SchedulerLimits()
+        self.runner = ModelRunner(loaded, max_rows=limits.max_running, cuda_graphs=cuda_graphs)
         self.scheduler = Scheduler(
-            ModelRunner(loaded),
+            self.runner,
             self.prompts,
-            limits or SchedulerLimits(),
+            limits,
             default_max_new_tokens=default_max_new_tokens,
         )
 
@@ -61,6 +64,7 @@ class Engine:
             default_max_new_tokens=settings.default_max_new_tokens,
             max_images=settings.max_images_per_request,
             limits=limits,
+            cuda_graphs=settings.cuda_graphs,
         )
 
     def submit(self, request: GenerationRequest, *, stream: bool = False) -> RequestHandle:

@@ -2,29 +2,64 @@
 
 Positions are computed here (multimodal RoPE, per row) and passed to the model explicitly,
 so the model's own per-call ``rope_deltas`` state is never relied on.
+
+Prefill runs the whole model (vision encoder included) once per admitted group and hands
+its keys and values to the running batch's static cache. A decode step runs the language
+model's own layers over that cache; on a single CUDA device it is replayed from a CUDA graph.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
-from glm4v_bento.engine.batch import BatchState
+from glm4v_bento.engine.decode_graphs import Capture, DecodeGraphs, cuda_capture
+from glm4v_bento.engine.kv_cache import StaticKVCache
 from glm4v_bento.engine.loader import LoadedModel
 from glm4v_bento.engine.prompt import PreparedPrompt
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prefilled:
+    """New rows after their prefill, not yet part of the running batch."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # (rows, prompt columns), left-padded
+    positions: torch.Tensor  # (rows,): text position of each row's next token
+    lengths: list[int]
+
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, max_rows: int = 32, cuda_graphs: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
+        self._text_model = self.model.model.language_model
         # The checkpoint's vocabulary is padded past the tokenizer; those ids are never text.
         self._vocab_limit = len(loaded.tokenizer)
+        self.cache = StaticKVCache(self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype,
+                                   max_rows=max_rows)  # fmt: skip
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self._single_cuda_device():
+            self.use_graphs(cuda_capture())
+
+    def use_graphs(self, capture: Capture) -> DecodeGraphs:
+        """Decode through graphs recorded by ``capture`` (the CUDA one, or a stand-in in tests)."""
+        self.graphs = DecodeGraphs(self.cache, self._forward, capture)
+        return self.graphs
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[PreparedPrompt]) -> tuple[BatchState, torch.Tensor]:
-        """Run new prompts (images through the vision encoder once) -> their batch and last logits."""
+    def prefill(self, prompts: list[PreparedPrompt]) -> tuple[Prefilled, torch.Tensor]:
+        """Run new prompts (images through the vision encoder once) -> their rows and last logits."""
         batch = self._collate(prompts)
         position_ids, rope_deltas = self.model.model.get_rope_index(
             batch["input_ids"],
@@ -42,28 +77,68 @@ class ModelRunner:
             use_cache=True,
             logits_to_keep=1,
         )
-        state = BatchState(
-            cache=cache,
-            attention_mask=batch["attention_mask"],
-            lengths=batch["attention_mask"].sum(dim=-1),
-            rope_deltas=rope_deltas,
-        )
-        return state, self._mask_padded_vocab(output.logits[:, -1])
+        lengths = [p.num_tokens for p in prompts]
+        # A text token's position is its index among the row's real tokens plus the row's delta.
+        positions = torch.tensor(lengths, device=rope_deltas.device) + rope_deltas.view(-1)
+        logits = output.logits[:, -1]
+        self._mask_padded_vocab(logits)
+        return Prefilled(cache, batch["attention_mask"], positions, lengths), logits
 
     @torch.inference_mode()
-    def decode(self, state: BatchState, tokens: list[int]) -> torch.Tensor:
-        """Feed each row its last sampled token -> next-token logits (rows in state order)."""
-        positions = state.next_positions()
-        state.append_column()
-        logits = self.model(
-            input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
-            attention_mask=state.attention_mask,
-            position_ids=positions,
-            cache=state.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        return self._mask_padded_vocab(logits)
+    def join(self, prefilled: Prefilled) -> None:
+        """Append prefilled rows after the running ones."""
+        layers = [(layer.keys, layer.values) for layer in prefilled.cache.layers]
+        self.cache.join(layers, prefilled.attention_mask, prefilled.positions, prefilled.lengths)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these running rows, in this order (the others finished or were cancelled)."""
+        with torch.inference_mode():
+            self.cache.keep(rows)
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """Feed each running row its last sampled token -> next-token logits (rows in order)."""
+        rows = self.cache.rows
+        columns = self.cache.prepare_step(tokens)
+        step = self.graphs.run if self.graphs is not None else self._forward
+        logits = step(rows, columns)
+        self.cache.finish_step()
+        return logits
+
+    def _forward(self, rows: int, columns: int) -> torch.Tensor:
+        """One decode step of ``rows`` rows attending over ``columns`` cache columns; every input
+        is read from the cache's fixed buffers, so a CUDA graph can record it as it is."""
+        cache = self.cache
+        cache.view_rows, cache.view_columns = rows, columns
+        text = self._text_model
+        hidden = text.embed_tokens(cache.tokens[:rows].unsqueeze(1))
+        positions = cache.positions[:rows].view(1, rows, 1).expand(3, rows, 1)
+        position_embeddings = text.rotary_emb(hidden, position_ids=positions)
+        mask = cache.mask[:rows, :, :, :columns]
+        # The mask is SDPA's boolean (rows, 1, 1, columns), whichever kernel prefill is set to use:
+        # SDPA reads the KV heads without repeating them for one query token, and never syncs.
+        configured = text.config._attn_implementation
+        text.config._attn_implementation = "sdpa"
+        try:
+            for layer in text.layers:
+                hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+        finally:
+            text.config._attn_implementation = configured
+        logits = self.model.lm_head(text.norm(hidden[:, -1]))
+        self._mask_padded_vocab(logits)
+        return logits
+
+    def _single_cuda_device(self) -> bool:
+        if self.device.type != "cuda":
+            return False
+        devices = {p.device for p in self.model.parameters()}
+        if devices != {self.device}:
+            logger.info("the model spans %s: decoding without CUDA graphs", sorted(map(str, devices)))
+            return False
+        return True
 
     def _collate(self, prompts: list[PreparedPrompt]) -> dict[str, torch.Tensor | None]:
         """Left-pad the prompts into one batch; vision inputs are concatenated in row order."""
@@ -114,8 +189,6 @@ class ModelRunner:
             embeds = embeds.masked_scatter(slots, features)
         return embeds
 
-    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
         if logits.shape[-1] > self._vocab_limit:
-            logits = logits.clone()
             logits[:, self._vocab_limit :] = float("-inf")
-        return logits

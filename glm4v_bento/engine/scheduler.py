@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from glm4v_bento.engine.batch import BatchState
 from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.prompt import PromptBuilder, PromptError
 from glm4v_bento.engine.runner import ModelRunner
@@ -72,7 +71,6 @@ class Scheduler:
         self.default_max_new_tokens = default_max_new_tokens
         self._waiting: deque[_Waiting] = deque()
         self._running: list[tuple[Sequence, RequestHandle]] = []
-        self._state: BatchState | None = None
         self._by_id: dict[str, RequestHandle] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -235,36 +233,34 @@ class Scheduler:
     def _start(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
         """Prefill the new rows, sample their first tokens, and join them to the running batch."""
         try:
-            state = self._prefill(admitted)
+            self._prefill(admitted)
         except Exception as batch_error:
             logger.exception("prefill of %d new requests failed", len(admitted))
+            self.runner.keep(list(range(len(self._running))))  # drop them from the cache if they got in
             if len(admitted) == 1:
                 self._finish_failed(admitted, batch_error)
                 return
             for one in admitted:  # find the request that breaks it; the others still run
                 self._start([one])
             return
-        if self._state is None:
-            self._state = state
-        else:
-            self._state.merge(state)
         self._running.extend(admitted)
         self._prune()
 
-    def _prefill(self, admitted: list[tuple[Sequence, RequestHandle]]) -> BatchState:
+    def _prefill(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
+        """Prefill, join the running batch's cache, then sample the first tokens."""
         started = time.perf_counter()
         for seq, _ in admitted:
             seq.started_at = started
-        state, logits = self.runner.prefill([seq.prompt for seq, _ in admitted])
+        prefilled, logits = self.runner.prefill([seq.prompt for seq, _ in admitted])
+        self.runner.join(prefilled)
         done = time.perf_counter()
         for seq, _ in admitted:
             seq.prefill_done_at = done
         self._sample(admitted, logits)
-        return state
 
     def _step(self) -> None:
         try:
-            logits = self.runner.decode(self._state, [seq.output_ids[-1] for seq, _ in self._running])
+            logits = self.runner.decode([seq.output_ids[-1] for seq, _ in self._running])
         except Exception as exc:
             logger.exception("a decode step of %d rows failed", len(self._running))
             self._fail_everything("error", exc)
@@ -294,10 +290,7 @@ class Scheduler:
             if seq.finished:
                 self._deliver(seq, handle)
         self._running = [self._running[row] for row in keep]
-        if not keep:
-            self._state = None
-        else:
-            self._state.select(keep)
+        self.runner.keep(keep)
 
     def _deliver(self, seq: Sequence, handle: RequestHandle) -> None:
         handle.emit(seq.take_delta())
@@ -338,7 +331,8 @@ class Scheduler:
 
     def _fail_everything(self, reason: Literal["cancelled", "error"], error: BaseException | None) -> None:
         """End every running row (a failed step, or shutdown) and, on shutdown, every waiting one."""
-        running, self._running, self._state = self._running, [], None
+        running, self._running = self._running, []
+        self.runner.clear()
         if reason == "error":
             self._finish_failed(running, error or RuntimeError())
             return

@@ -1,0 +1,115 @@
+"""Before/after in one run: a benchmark run alternately on an older revision and on this tree.
+
+The older revision is checked out into a temporary git worktree; both sides run the same
+benchmark command on the same machine, interleaved round by round (so drift in machine
+load hits both), and the first two columns of each side's Markdown table are compared:
+the row label (batch size, sequences...) and its figure (tokens/s...). Medians over rounds.
+
+    python bench/compare_revisions.py --base 904f9a2 --output docs/benchmarks.md \\
+        -- bench/engine_bench.py --model .models/tiny
+    python bench/compare_revisions.py --base 904f9a2 --section gpu-before-after -- bench/gpu_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import cpu_name, publish
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_side(tree: Path, command: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Run the benchmark script from ``tree`` (its package first on the path) -> (header, label -> figure)."""
+    script, *args = command
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, str(tree / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{script} failed in {tree}:\n{done.stderr[-3000:]}")
+    return parse_table(done.stdout)
+
+
+def parse_table(output: str) -> tuple[list[str], dict[str, float]]:
+    lines = [line for line in output.splitlines() if line.startswith("|")]
+    if len(lines) < 3:
+        raise SystemExit(f"no Markdown table in the benchmark's output:\n{output[-2000:]}")
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = float(cells[1].split()[0])
+    return header, rows
+
+
+def machine_name() -> str:
+    import torch
+
+    return f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu_name()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the older revision (commit, tag, branch)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--section", default="cpu-before-after", help="name of the section in the output file")
+    parser.add_argument("--output", type=Path, help="Markdown file to write the table into")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="benchmark script (from the repo root) and its arguments"
+    )
+    args = parser.parse_args(argv)
+    args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not args.command:
+        parser.error("name the benchmark script to run, e.g. -- bench/engine_bench.py --model .models/tiny")
+
+    base_commit = subprocess.run(
+        ["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    current = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    before: dict[str, list[float]] = {}
+    after: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="glm4v-base-") as scratch:
+        tree = Path(scratch) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.base], cwd=ROOT, check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            for round_number in range(1, args.rounds + 1):
+                for label, side, results in ((base_commit, tree, before), (current, ROOT, after)):
+                    print(f"# round {round_number}/{args.rounds}: {label} ...", file=sys.stderr, flush=True)
+                    header, rows = run_side(side, args.command)
+                    for key, value in rows.items():
+                        results.setdefault(key, []).append(value)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+    lines = [
+        f"<!-- {args.section}:start -->",
+        f"## Before and after: `{' '.join(args.command)}`",
+        "",
+        f"`bench/compare_revisions.py`, {date.today().isoformat()}, {machine_name()}. "
+        f"Base {base_commit} vs {current}, run alternately, median of {args.rounds} rounds each.",
+        "",
+        f"| {header[0]} | {header[1]}: {base_commit} | {header[1]}: {current} | after / before |",
+        "|---:|---:|---:|---:|",
+    ]
+    for key in after:
+        old, new = statistics.median(before.get(key, [float("nan")])), statistics.median(after[key])
+        lines.append(f"| {key} | {old:.1f} | {new:.1f} | {new / old:.2f} |")
+    lines.append(f"<!-- {args.section}:end -->")
+    publish("\n".join(lines) + "\n", args.output, args.section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

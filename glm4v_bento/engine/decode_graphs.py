@@ -1,0 +1,123 @@
+"""Decode steps replayed from CUDA graphs: one kernel launch sequence per step instead of thousands.
+
+A 9B model's decode step is about a thousand small kernels; launched one by one from Python
+the GPU waits on the CPU. A CUDA graph records them once and replays them with one call.
+A graph is fixed to its shapes and tensor addresses, so steps are rounded up to buckets
+(rows to a power of two, columns to a coarse step) and run over the KV cache's fixed
+buffers; the spare rows and columns are masked. Graphs are captured lazily, the first time
+a bucket is needed, and forgotten when the cache reallocates its buffers.
+
+Each capture is checked against an eager run of the same step. A capture that fails or
+disagrees turns graphs off for the process (with a warning) and decoding goes on eagerly:
+a faster path must never be a wrong one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from glm4v_bento.engine.kv_cache import StaticKVCache
+
+logger = logging.getLogger(__name__)
+
+# (rows, columns) -> logits of shape (rows, vocab), reading inputs from the cache's buffers.
+Forward = Callable[[int, int], torch.Tensor]
+# Records ``step`` once; returns what replays it and the tensor each replay writes the logits to.
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+MAX_GRAPHS = 64  # each holds its kernels' parameters; past this, new buckets run eagerly
+
+
+def row_bucket(rows: int, capacity: int) -> int:
+    return min(capacity, 1 << (rows - 1).bit_length())
+
+
+def column_bucket(columns: int, capacity: int) -> int:
+    """Rounded up by at most a quarter (and at least to 256): few graphs, little wasted attention."""
+    step = max(256, 1 << max(0, columns.bit_length() - 3))
+    return min(capacity, -(-columns // step) * step)
+
+
+class DecodeGraphs:
+    def __init__(self, cache: StaticKVCache, forward: Forward, capture: Capture) -> None:
+        self.cache = cache
+        self.forward = forward
+        self.capture = capture
+        self.enabled = True
+        self._graphs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
+        self._generation = cache.generation
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def run(self, rows: int, columns: int) -> torch.Tensor:
+        """Logits of the running rows for one decode step whose inputs are loaded in the cache."""
+        if self._generation != self.cache.generation:  # the buffers moved: old graphs point at freed memory
+            self._graphs.clear()
+            self._generation = self.cache.generation
+        key = (row_bucket(rows, self.cache.row_capacity), column_bucket(columns, self.cache.column_capacity))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if not self.enabled or len(self._graphs) >= MAX_GRAPHS:
+                return self.forward(rows, columns)
+            return self._capture(key, rows, columns)
+        replay, logits = graph
+        replay()
+        return logits[:rows]
+
+    def _capture(self, key: tuple[int, int], rows: int, columns: int) -> torch.Tensor:
+        bucket_rows, bucket_columns = key
+        reference = self.forward(bucket_rows, bucket_columns)[:rows].clone()
+        try:
+            replay, logits = self.capture(lambda: self.forward(bucket_rows, bucket_columns))
+            replay()
+        except Exception:  # any failure means: decode without graphs
+            logger.warning("capturing a decode step in a CUDA graph failed; decoding eagerly", exc_info=True)
+            self.enabled = False
+            return reference
+        if not _same_logits(logits[:rows], reference):
+            logger.warning(
+                "a CUDA-graph decode step disagreed with the eager step (%s rows, %s columns); decoding eagerly",
+                bucket_rows,
+                bucket_columns,
+            )
+            self.enabled = False
+            return reference
+        self._graphs[key] = (replay, logits)
+        logger.info("captured a decode step for %s rows x %s columns in a CUDA graph", bucket_rows, bucket_columns)
+        return logits[:rows]
+
+
+def _same_logits(replayed: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Same greedy tokens, and logits equal up to rounding (kernels may differ under capture)."""
+    if not torch.equal(replayed.argmax(dim=-1), reference.argmax(dim=-1)):
+        return False
+    finite = reference.isfinite()  # the masked padding ids are -inf in both
+    if not torch.equal(finite, replayed.isfinite()):
+        return False
+    replayed, reference = replayed[finite].float(), reference[finite].float()
+    scale = reference.abs().max().clamp(min=1.0)
+    return bool((replayed - reference).abs().max() <= 1e-2 * scale)
+
+
+def cuda_capture(pool: object | None = None) -> Capture:
+    """The real capture: warm up on a side stream (as CUDA graphs need), then record one step."""
+    memory_pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+
+    def capture(step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=memory_pool):
+            logits = step()
+        return graph.replay, logits
+
+    return capture

@@ -1,0 +1,191 @@
+"""The running batch's KV cache: buffers allocated once and written in place.
+
+Each layer keeps keys and values as (rows, kv_heads, columns, head_dim). The running rows
+are 0..rows-1 and are right-aligned: every row's newest token sits in column ``width - 1``,
+so one decode step writes all rows' new keys and values into the same column (``width``)
+and attention reads the first ``width + 1`` columns; a row shorter than the longest is
+padded on the left and masked out. Nothing is concatenated per step, and the addresses
+stay fixed between steps, which is what lets a decode step be captured in a CUDA graph.
+
+Rows join after their prefill (copied in once), leave by compaction (the kept rows move
+up), and columns that became padding for every row are cut from the left. Buffers grow
+by doubling when rows or columns run out; ``generation`` counts reallocations so that
+anything holding their addresses (captured graphs) knows to start again.
+
+The host keeps each row's length, so the per-step bookkeeping needs no device readback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_COLUMN_ALIGN = 256  # column capacity is a multiple of this (aligned attention-mask rows)
+
+
+class StaticKVCache:
+    def __init__(self, text_config: Any, *, device: torch.device, dtype: torch.dtype, max_rows: int) -> None:
+        self.num_layers = text_config.num_hidden_layers
+        self.kv_heads = text_config.num_key_value_heads
+        self.head_dim = (
+            getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.device = device
+        self.dtype = dtype
+        self.max_rows = max_rows
+        self.rows = 0  # running rows: 0..rows-1
+        self.width = 0  # columns in use; each running row's newest token is in column width-1
+        self.lengths: list[int] = []  # real tokens per running row
+        self.generation = 0  # bumped whenever the buffers are reallocated
+        self.row_capacity = 0
+        self.column_capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._write_columns: list[torch.Tensor] = []  # per layer: (1,) index of the column written this step
+        # Per-row decode inputs, on the input device (the model's first device).
+        self.mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=device)  # True: a real token
+        self.positions = torch.zeros(0, dtype=torch.long, device=device)  # text position of the next token
+        self.tokens = torch.zeros(0, dtype=torch.long, device=device)  # the token fed next
+        # Set by the caller before a forward pass: what update() attends over.
+        self.view_rows = 0
+        self.view_columns = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    # --- the batch changes (between steps)
+
+    def join(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor,
+             lengths: list[int]) -> None:  # fmt: skip
+        """Add rows after a prefill: per-layer (keys, values) of shape (new_rows, kv_heads, p, head_dim),
+        their left-padded (new_rows, p) mask, next-token positions, and real lengths."""
+        new_rows, prompt_width = mask.shape
+        width = max(self.width, prompt_width)
+        self._reserve(self.rows + new_rows, width + 1, [keys.device for keys, _ in layers])
+        if prompt_width > self.width and self.rows:
+            self._shift(prompt_width - self.width)
+        self.width = width
+        start = width - prompt_width
+        joined = slice(self.rows, self.rows + new_rows)
+        for layer, (keys, values) in enumerate(layers):
+            # Zeroed first: masked columns are skipped by attention only if they hold finite values.
+            self.keys[layer][joined].zero_()
+            self.values[layer][joined].zero_()
+            self.keys[layer][joined, :, start:width] = keys
+            self.values[layer][joined, :, start:width] = values
+        self.mask[joined] = False
+        self.mask[joined, 0, 0, start:width] = mask.to(device=self.device, dtype=torch.bool)
+        self.positions[joined] = positions.to(self.device)
+        self.rows += new_rows
+        self.lengths.extend(lengths)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices into the running rows), in that order, as rows 0..len-1."""
+        if not rows:
+            self.clear()
+            return
+        if rows != list(range(self.rows))[: len(rows)]:
+            kept = len(rows)
+            index = torch.tensor(rows, device=self.device)
+            for layer in range(self.num_layers):
+                layer_index = index.to(self.keys[layer].device)
+                self.keys[layer][:kept, :, : self.width] = self.keys[layer][layer_index, :, : self.width]
+                self.values[layer][:kept, :, : self.width] = self.values[layer][layer_index, :, : self.width]
+            self.mask[:kept] = self.mask[index]
+            self.positions[:kept] = self.positions[index]
+        self.rows = len(rows)
+        self.lengths = [self.lengths[row] for row in rows]
+        self._trim()
+
+    def clear(self) -> None:
+        """No running rows; the buffers stay allocated for the next batch."""
+        self.rows = 0
+        self.width = 0
+        self.lengths = []
+
+    # --- one decode step
+
+    def prepare_step(self, tokens: list[int]) -> int:
+        """Load each running row's next token and open column ``width`` -> columns to attend over."""
+        self._reserve(self.rows, self.width + 1, None)
+        self.tokens[: self.rows].copy_(torch.tensor(tokens, dtype=torch.long))
+        for write_column in {id(t): t for t in self._write_columns}.values():
+            write_column.fill_(self.width)
+        # Every row, spare ones included, sees its own new token: a spare row used by a captured
+        # graph then never attends over nothing (that would write NaN into the cache).
+        self.mask[:, 0, 0, self.width] = True
+        return self.width + 1
+
+    def finish_step(self) -> None:
+        self.width += 1
+        self.positions += 1
+        self.lengths = [length + 1 for length in self.lengths]
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called by each attention layer: store this step's key/value, return what to attend over."""
+        rows, columns = self.view_rows, self.view_columns
+        keys = self.keys[layer_idx][:rows]
+        values = self.values[layer_idx][:rows]
+        keys.index_copy_(2, self._write_columns[layer_idx], key)
+        values.index_copy_(2, self._write_columns[layer_idx], value)
+        return keys[:, :, :columns], values[:, :, :columns]
+
+    # --- buffers
+
+    def _reserve(self, rows: int, columns: int, layer_devices: list[torch.device] | None) -> None:
+        if rows <= self.row_capacity and columns <= self.column_capacity:
+            return
+        row_capacity = min(self.max_rows, max(rows, 2 * self.row_capacity, 1))
+        row_capacity = max(row_capacity, rows)
+        column_capacity = max(columns, 2 * self.column_capacity, 2 * _COLUMN_ALIGN)
+        column_capacity = -(-column_capacity // _COLUMN_ALIGN) * _COLUMN_ALIGN
+        devices = layer_devices or [keys.device for keys in self.keys]
+        shape = (row_capacity, self.kv_heads, column_capacity, self.head_dim)
+        old_rows, old_width = self.rows, self.width
+        keys = [torch.zeros(shape, dtype=self.dtype, device=device) for device in devices]
+        values = [torch.zeros(shape, dtype=self.dtype, device=device) for device in devices]
+        for layer in range(len(self.keys)):
+            keys[layer][:old_rows, :, :old_width] = self.keys[layer][:old_rows, :, :old_width]
+            values[layer][:old_rows, :, :old_width] = self.values[layer][:old_rows, :, :old_width]
+        self.keys, self.values = keys, values
+        mask = torch.zeros(row_capacity, 1, 1, column_capacity, dtype=torch.bool, device=self.device)
+        mask[:old_rows, :, :, :old_width] = self.mask[:old_rows, :, :, :old_width]
+        self.mask = mask
+        self.positions = _grown(self.positions, row_capacity, old_rows)
+        self.tokens = _grown(self.tokens, row_capacity, old_rows)
+        write_columns = {device: torch.zeros(1, dtype=torch.long, device=device) for device in set(devices)}
+        self._write_columns = [write_columns[device] for device in devices]
+        self.row_capacity, self.column_capacity = row_capacity, column_capacity
+        self.generation += 1
+
+    def _shift(self, columns: int) -> None:
+        """Move the running rows right by ``columns`` (a longer prompt is joining)."""
+        rows, width = self.rows, self.width
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:rows, :, columns : columns + width] = buffer[:rows, :, :width].clone()
+                buffer[:rows, :, :columns].zero_()
+        self.mask[:rows, :, :, columns : columns + width] = self.mask[:rows, :, :, :width].clone()
+        self.mask[:rows, :, :, :columns] = False
+
+    def _trim(self) -> None:
+        """Cut columns that are padding for every running row (left behind by a long row that ended)."""
+        start = self.width - max(self.lengths)
+        if start <= 0:
+            return
+        rows, width = self.rows, self.width
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:rows, :, : width - start] = buffer[:rows, :, start:width].clone()
+        self.mask[:rows, :, :, : width - start] = self.mask[:rows, :, :, start:width].clone()
+        self.mask[:rows, :, :, width - start :] = False
+        self.width = width - start
+
+
+def _grown(tensor: torch.Tensor, size: int, keep: int) -> torch.Tensor:
+    grown = torch.zeros(size, dtype=tensor.dtype, device=tensor.device)
+    grown[:keep] = tensor[:keep]
+    return grown

@@ -1,0 +1,193 @@
+"""The engine's own decode loop (static KV cache, the model's layers called directly) gives the
+logits transformers' ``generate`` gives, row by row, however rows join and leave the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image
+
+from glm4v_bento.engine import GenerationRequest, SamplingParams, Turn
+from glm4v_bento.engine.runner import ModelRunner
+
+STEPS = 12
+
+REQUESTS = [
+    GenerationRequest("Describe this image.", images=[make_image(64, 48)]),
+    GenerationRequest("Text only, no picture at all in this longer prompt, which pads the others."),
+    GenerationRequest(
+        "And these two?",
+        images=[make_image(112, 56), make_image(28, 84, (0, 90, 0))],
+        history=[Turn("user", "first", images=[make_image(56, 56)]), Turn("assistant", "<answer>ok</answer>")],
+    ),
+]
+
+
+class Reference:
+    """One prompt's greedy tokens and per-step logits from transformers' generate loop
+    (its DynamicCache, masks and positions)."""
+
+    def __init__(self, loaded_model, prompt, steps: int = STEPS) -> None:
+        inputs = {
+            "input_ids": torch.tensor([prompt.input_ids]),
+            "attention_mask": torch.ones(1, prompt.num_tokens, dtype=torch.long),
+            "mm_token_type_ids": torch.tensor([prompt.mm_token_type_ids]),
+        }
+        if prompt.pixel_values is not None:
+            inputs |= {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
+        self.vocab = len(loaded_model.tokenizer)  # the engine masks the checkpoint's padded ids
+        padding_ids = list(range(self.vocab, loaded_model.model.config.text_config.vocab_size))
+        with torch.inference_mode():
+            output = loaded_model.model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                suppress_tokens=padding_ids,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        self.tokens = output.sequences[0, prompt.num_tokens :].tolist()
+        self.logits = [step[0, : self.vocab] for step in output.logits]
+
+    def check(self, step: int, logits: torch.Tensor) -> None:
+        assert torch.allclose(logits[: self.vocab], self.logits[step], atol=1e-4, rtol=1e-4), f"step {step}"
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    return [engine.prompts.build(request) for request in REQUESTS]
+
+
+@pytest.fixture(scope="module")
+def references(loaded_model, prompts):
+    return [Reference(loaded_model, prompt) for prompt in prompts]
+
+
+def eager_replay(step):
+    """Stands in for CUDA-graph capture on the CPU: same fixed buffers, same bucketed shapes."""
+    logits = step()
+
+    def replay() -> None:
+        logits.copy_(step())
+
+    return replay, logits
+
+
+@pytest.fixture(params=["eager", "graphs"])
+def runner(request, loaded_model):
+    runner = ModelRunner(loaded_model, max_rows=8)
+    if request.param == "graphs":
+        runner.use_graphs(eager_replay)
+    return runner
+
+
+def decode_alone(runner, prompt, reference: Reference) -> None:
+    """Prefill one prompt, feed it the reference's tokens, check every step's logits; then end the row."""
+    prefilled, logits = runner.prefill([prompt])
+    runner.join(prefilled)
+    reference.check(0, logits[0])
+    for step in range(1, STEPS):
+        reference.check(step, runner.decode([reference.tokens[step - 1]])[0])
+    runner.keep([])
+
+
+def test_each_prompt_alone_matches_transformers(runner, prompts, references):
+    for prompt, reference in zip(prompts, references, strict=True):
+        decode_alone(runner, prompt, reference)
+
+
+def test_rows_that_join_and_leave_at_different_times_match_transformers(runner, prompts, references):
+    """A short row runs; a longer one joins (the running row shifts right); two more join as a
+    group; the first ones leave (the batch is compacted and its padding cut); the rest go on."""
+    done = {}  # row's reference index -> steps taken
+
+    def step(rows):
+        logits = runner.decode([references[r].tokens[done[r] - 1] for r in rows])
+        for row, r in enumerate(rows):
+            references[r].check(done[r], logits[row])
+            done[r] += 1
+
+    def join(new):
+        prefilled, logits = runner.prefill([prompts[r] for r in new])
+        runner.join(prefilled)
+        for row, r in enumerate(new):
+            references[r].check(0, logits[row])
+            done[r] = 1
+
+    join([0])
+    step([0])
+    step([0])
+    join([1])
+    step([0, 1])
+    join([2])
+    step([0, 1, 2])
+    runner.keep([1, 2])  # row 0 leaves
+    assert runner.cache.width == max(runner.cache.lengths)
+    step([1, 2])
+    runner.keep([1])  # the first of them leaves, the second moves up
+    assert runner.cache.width == max(runner.cache.lengths)  # no column is padding for every row
+    while done[2] < STEPS:
+        step([2])
+    assert runner.rows == 1
+    if runner.graphs is not None:
+        assert runner.graphs.enabled and runner.graphs.captured >= 2
+
+
+def test_decoding_past_the_cache_capacity_grows_it_and_stays_exact(loaded_model, engine):
+    """The cache starts at 512 columns; a row that outgrows it moves to doubled buffers
+    (captured graphs are dropped and captured again for the new buffers)."""
+    steps = 530
+    prompt = engine.prompts.build(GenerationRequest("A short prompt.", params=SamplingParams(max_new_tokens=steps)))
+    reference = Reference(loaded_model, prompt, steps)
+    runner = ModelRunner(loaded_model, max_rows=4)
+    graphs = runner.use_graphs(eager_replay)
+    prefilled, _ = runner.prefill([prompt])
+    runner.join(prefilled)
+    first_capacity = runner.cache.column_capacity
+    for step in range(1, steps):
+        reference.check(step, runner.decode([reference.tokens[step - 1]])[0])
+    assert runner.cache.column_capacity > first_capacity
+    assert graphs.enabled and graphs.captured >= 1
+
+
+def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(loaded_model, prompts, references, caplog):
+    runner = ModelRunner(loaded_model, max_rows=4)
+
+    def broken_capture(step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = runner.use_graphs(broken_capture)
+    decode_alone(runner, prompts[0], references[0])
+    assert not graphs.enabled and graphs.captured == 0
+    assert "decoding eagerly" in caplog.text
+
+
+def test_a_capture_that_disagrees_with_the_eager_step_is_not_used(loaded_model, prompts, references, caplog):
+    runner = ModelRunner(loaded_model, max_rows=4)
+
+    def wrong_capture(step):
+        logits = step()
+        return (lambda: logits.mul_(-1.0)), logits  # replays give the wrong answer
+
+    graphs = runner.use_graphs(wrong_capture)
+    decode_alone(runner, prompts[0], references[0])
+    assert not graphs.enabled and graphs.captured == 0
+    assert "disagreed with the eager step" in caplog.text
+
+
+@pytest.mark.parametrize("attention", ["eager"])
+def test_decode_is_exact_whatever_attention_kernel_prefill_uses(tiny_model_dir, prompts, references, attention):
+    from glm4v_bento.engine import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu", attn_implementation=attention)
+    runner = ModelRunner(loaded, max_rows=4)
+    prefilled, logits = runner.prefill(prompts[:2])
+    runner.join(prefilled)
+    for row in range(2):
+        references[row].check(0, logits[row])
+    for step in range(1, STEPS):
+        logits = runner.decode([references[row].tokens[step - 1] for row in range(2)])
+        for row in range(2):
+            references[row].check(step, logits[row])
+    assert loaded.model.config.text_config._attn_implementation == attention
