@@ -13,7 +13,7 @@ TINY := .models/tiny
 # pip on this kind of machine warns about every local index folder it skips; that is noise.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install tiny demo test test-slow container-test lint bench load-test gpu-bench bento clean redis-server
+.PHONY: help install tiny demo test test-slow container-test lint bench load-test gpu-bench gpu-compare gpu-kit bento clean redis-server
 
 help:
 	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
@@ -23,6 +23,8 @@ help:
 	@echo "make bento      build the Bento for GLM4V_MODEL (a hub id or a model-store tag)"
 	@echo "make bench      engine, scheduler and service benchmarks on the tiny model -> docs/benchmarks.md"
 	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
+	@echo "make gpu-bench  on a CUDA host: the real architecture, random bf16 weights -> docs/benchmarks.md"
+	@echo "make gpu-compare  on a CUDA host: CUDA graphs on/off, and the engine before the GPU work vs now"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"
 
@@ -71,6 +73,28 @@ bench: $(TINY)/config.json
 
 gpu-bench: $(BIN)/.installed
 	$(BIN)/python bench/gpu_bench.py --output docs/benchmarks.md
+
+# On a CUDA host: the GPU benchmark with and without CUDA graphs, and the engine before the GPU
+# work ($(GPU_BASE)) vs now -> bench/results/benchmarks.md. For a machine without this repo's
+# packages or git (the device tool's), `make gpu-kit` here puts wheels for Python 3.12 in .whl/
+# and the older engine in .base/; there, `bash bench/gpu_session.sh` runs the same steps.
+GPU_BASE ?= 904f9a2
+GPU_WHEELS = transformers==5.24.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 python-dotenv==1.2.4 regex
+gpu-compare: $(BIN)/.installed .base/REVISION
+	PYTHON=$(BIN)/python bash bench/gpu_session.sh
+
+gpu-kit: .base/REVISION
+	rm -rf .whl && mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS) 2>&1 | $(QUIET_PIP)
+	@du -sh .whl .base
+
+.base/REVISION:
+	rm -rf .base && mkdir -p .base
+	git archive $(GPU_BASE) glm4v_bento bench | tar -x -C .base
+	git rev-parse --short $(GPU_BASE) > $@
 
 load-test: $(TINY)/config.json
 	$(BIN)/python bench/load_test.py --model $(TINY) --clients 64 --seconds 60 --output docs/benchmarks.md

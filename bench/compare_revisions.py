@@ -1,6 +1,7 @@
 """Before/after in one run: a benchmark run alternately on an older revision and on this tree.
 
-The older revision is checked out into a temporary git worktree; both sides run the same
+The older revision is checked out into a temporary git worktree (or, where there is no
+git, given as a folder with --base-tree: `git archive REV | tar -x -C DIR`); both sides run the same
 benchmark command on the same machine, interleaved round by round (so drift in machine
 load hits both), and the first two columns of each side's Markdown table are compared:
 the row label (batch size, sequences...) and its figure (tokens/s...). Medians over rounds.
@@ -18,6 +19,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -30,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_side(tree: Path, command: list[str]) -> tuple[list[str], dict[str, float]]:
     """Run the benchmark script from ``tree`` (its package first on the path) -> (header, label -> figure)."""
     script, *args = command
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
         [sys.executable, str(tree / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
@@ -51,6 +54,31 @@ def parse_table(output: str) -> tuple[list[str], dict[str, float]]:
     return header, rows
 
 
+def describe(tree: Path, revision: str) -> str:
+    """A short name for the code in ``tree``: its commit (marked dirty if changed), else the folder."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"] if revision == "HEAD" else
+                          ["git", "rev-parse", "--short", revision], cwd=tree, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    return done.stdout.strip() if done.returncode == 0 else tree.name
+
+
+@contextmanager
+def base_tree(args: argparse.Namespace) -> Iterator[tuple[Path, str]]:
+    """The older code: a given folder, or the revision checked out into a temporary worktree."""
+    if args.base_tree:
+        marker = args.base_tree / "REVISION"  # written by `make gpu-kit`
+        yield args.base_tree.resolve(), marker.read_text().strip() if marker.exists() else args.base_tree.name
+        return
+    with tempfile.TemporaryDirectory(prefix="glm4v-base-") as scratch:
+        tree = Path(scratch) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.base], cwd=ROOT, check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            yield tree, describe(ROOT, args.base)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
 def machine_name() -> str:
     import torch
 
@@ -59,7 +87,9 @@ def machine_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the older revision (commit, tag, branch)")
+    base = parser.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", help="the older revision (commit, tag, branch), checked out for the run")
+    base.add_argument("--base-tree", type=Path, help="or a directory holding it already (no git needed)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--section", default="cpu-before-after", help="name of the section in the output file")
     parser.add_argument("--output", type=Path, help="Markdown file to write the table into")
@@ -71,36 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.error("name the benchmark script to run, e.g. -- bench/engine_bench.py --model .models/tiny")
 
-    base_commit = subprocess.run(
-        ["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    current = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    current = describe(ROOT, "HEAD")
     before: dict[str, list[float]] = {}
     after: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="glm4v-base-") as scratch:
-        tree = Path(scratch) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.base], cwd=ROOT, check=True,
-                       capture_output=True)  # fmt: skip
-        try:
-            for round_number in range(1, args.rounds + 1):
-                for label, side, results in ((base_commit, tree, before), (current, ROOT, after)):
-                    print(f"# round {round_number}/{args.rounds}: {label} ...", file=sys.stderr, flush=True)
-                    header, rows = run_side(side, args.command)
-                    for key, value in rows.items():
-                        results.setdefault(key, []).append(value)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    with base_tree(args) as (tree, base_label):
+        for round_number in range(1, args.rounds + 1):
+            for label, side, results in ((base_label, tree, before), (current, ROOT, after)):
+                print(f"# round {round_number}/{args.rounds}: {label} ...", file=sys.stderr, flush=True)
+                header, rows = run_side(side, args.command)
+                for key, value in rows.items():
+                    results.setdefault(key, []).append(value)
 
     lines = [
         f"<!-- {args.section}:start -->",
         f"## Before and after: `{' '.join(args.command)}`",
         "",
         f"`bench/compare_revisions.py`, {date.today().isoformat()}, {machine_name()}. "
-        f"Base {base_commit} vs {current}, run alternately, median of {args.rounds} rounds each.",
+        f"Base {base_label} vs {current}, run alternately, median of {args.rounds} rounds each.",
         "",
-        f"| {header[0]} | {header[1]}: {base_commit} | {header[1]}: {current} | after / before |",
+        f"| {header[0]} | {header[1]}: {base_label} | {header[1]}: {current} | after / before |",
         "|---:|---:|---:|---:|",
     ]
     for key in after:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -59,16 +64,39 @@ def test_gpu_bench_real_architecture_matches_the_published_size():
         2,
         151552,
     )
+    # A decode step reads the text weights (about 17.6 GB in bf16), not the vision tower or embedding table.
+    assert 17.0e9 < bench.decode_weight_bytes(loaded.model) < 18.0e9
 
 
-def test_compare_revisions_runs_a_benchmark_on_both_sides(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("base", ["revision", "folder"])
+def test_compare_revisions_runs_a_benchmark_on_both_sides(tiny_model_dir, tmp_path, base):
     bench = _load("compare_revisions")
     output = tmp_path / "benchmarks.md"
+    if base == "revision":
+        base_args = ["--base", "HEAD"]
+    else:  # where git is missing (a GPU machine gets files, not the repository)
+        folder = tmp_path / "base"
+        folder.mkdir()
+        archive = subprocess.run(["git", "archive", "HEAD", "glm4v_bento", "bench"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+        base_args = ["--base-tree", str(folder)]
     command = ["bench/engine_bench.py", "--model", str(tiny_model_dir), "--batch-sizes", "1", "2"]
     command += ["--max-new-tokens", "3", "--repeats", "1"]
-    assert bench.main(["--base", "HEAD", "--rounds", "1", "--output", str(output), *command]) == 0
+    assert bench.main([*base_args, "--rounds", "1", "--output", str(output), *command]) == 0
     rows = [line for line in output.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2
     for row in rows:
         before, after = (float(cell) for cell in row.strip("|").split("|")[1:3])
         assert before > 0 and after > 0
+
+
+def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
+    """What a lent GPU machine runs; here with --tiny on the CPU, so it cannot rot unseen."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
+    env["BASE_TREE"] = str(tmp_path / "none")  # the before/after step is tested with compare_revisions
+    done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- gpu-bench:start -->" in report and "<!-- gpu-bench-eager:start -->" in report
+    assert "| 2 |" in report
+    assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged

@@ -135,7 +135,7 @@ def test_rows_that_join_and_leave_at_different_times_match_transformers(runner, 
 
 
 def test_decoding_past_the_cache_capacity_grows_it_and_stays_exact(loaded_model, engine):
-    """The cache starts at 512 columns; a row that outgrows it moves to doubled buffers
+    """The cache starts at 512 columns; a row that outgrows it moves to larger buffers
     (captured graphs are dropped and captured again for the new buffers)."""
     steps = 530
     prompt = engine.prompts.build(GenerationRequest("A short prompt.", params=SamplingParams(max_new_tokens=steps)))

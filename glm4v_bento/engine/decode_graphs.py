@@ -116,7 +116,8 @@ def cuda_capture(pool: object | None = None) -> Capture:
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=memory_pool):
+        # thread_local: CUDA calls made by other threads (the server's) cannot break this capture.
+        with torch.cuda.graph(graph, pool=memory_pool, capture_error_mode="thread_local"):
             logits = step()
         return graph.replay, logits
 

@@ -117,9 +117,11 @@ class ModelRunner:
         hidden = text.embed_tokens(cache.tokens[:rows].unsqueeze(1))
         positions = cache.positions[:rows].view(1, rows, 1).expand(3, rows, 1)
         position_embeddings = text.rotary_emb(hidden, position_ids=positions)
-        mask = cache.mask[:rows, :, :, :columns]
-        # The mask is SDPA's boolean (rows, 1, 1, columns), whichever kernel prefill is set to use:
-        # SDPA reads the KV heads without repeating them for one query token, and never syncs.
+        # Made additive once here rather than converted from boolean by each of the layers.
+        mask = torch.zeros((rows, 1, 1, columns), dtype=hidden.dtype, device=hidden.device)
+        mask.masked_fill_(~cache.mask[:rows, :, :, :columns], torch.finfo(hidden.dtype).min)
+        # Decode attends through SDPA whichever kernel prefill is set to use: for one query token
+        # it reads the KV heads without repeating them, takes this mask as it is, and never syncs.
         configured = text.config._attn_implementation
         text.config._attn_implementation = "sdpa"
         try:
