@@ -3,7 +3,7 @@
 # python3 has torch. Prepare here first with `make gpu-kit` (wheels the machine lacks in .whl/,
 # the engine before the GPU work in .base/), then run, carrying .whl and .base:
 #     bash bench/gpu_session.sh
-# Writes benchmarks.md (the three sections) and a log into $OUT (or bench/results/).
+# Writes benchmarks.md (four sections: as served, without compile, eager, before/after) and a log into $OUT (or bench/results/).
 # PYTHON picks the interpreter (python3); GPU_BENCH_ARGS=--tiny walks the same steps on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 report="$OUT/benchmarks.md"
 step() { echo "== $* ($(date +%T))" | tee -a "$OUT/log.txt"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report"
-step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-cuda-graphs --section gpu-bench-eager --output "$report"
+step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --section gpu-bench-graphs-only --output "$report"
+step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --no-cuda-graphs --section gpu-bench-eager --output "$report"
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
 if [ -d "$base" ]; then
   step "$PYTHON" bench/compare_revisions.py --base-tree "$base" --rounds 1 --section gpu-before-after \

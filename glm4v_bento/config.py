@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="Replay decode steps from CUDA graphs (one GPU only; checked against eager steps)."
     )
+    compile_decode: bool | None = Field(
+        None, description="torch.compile the decode step. Unset: on when the model sits on one GPU, off otherwise."
+    )
 
     # --- fitting the model on smaller GPUs (the tutorial's device_map / max_memory / offload)
     device_map: str | None = Field(

@@ -318,6 +318,7 @@ class ModelHost:
             "parameter_count": loaded.parameter_count,
             "max_context": loaded.max_context,
             "architecture": type(loaded.model).__name__,
+            "decode": self.engine.runner.decode_path(),
             "model_config": {
                 "text": {
                     "num_hidden_layers": text.num_hidden_layers,

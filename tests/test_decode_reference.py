@@ -74,12 +74,25 @@ def eager_replay(step):
     return replay, logits
 
 
-@pytest.fixture(params=["eager", "graphs"])
-def runner(request, loaded_model):
-    runner = ModelRunner(loaded_model, max_rows=8)
-    if request.param == "graphs":
+@pytest.fixture(scope="module")
+def compiled_runner(loaded_model):
+    """One for the module: each new runner would be compiled again."""
+    return ModelRunner(loaded_model, max_rows=8, compile_decode=True)
+
+
+@pytest.fixture(params=["eager", "graphs", "compiled", "compiled+graphs"])
+def runner(request, loaded_model, compiled_runner):
+    if request.param.startswith("compiled"):
+        runner = compiled_runner
+        runner.graphs = None
+    else:
+        runner = ModelRunner(loaded_model, max_rows=8)
+    if request.param.endswith("graphs"):
         runner.use_graphs(eager_replay)
-    return runner
+    yield runner
+    if runner.compiled is not None:  # it ran compiled, not quietly eager
+        assert runner.compiled.enabled and runner.compiled.checked
+    runner.keep([])
 
 
 def decode_alone(runner, prompt, reference: Reference) -> None:
@@ -191,3 +204,31 @@ def test_decode_is_exact_whatever_attention_kernel_prefill_uses(tiny_model_dir, 
         for row in range(2):
             references[row].check(step, logits[row])
     assert loaded.model.config.text_config._attn_implementation == attention
+
+
+def test_one_compilation_serves_every_batch_size_and_cache_length(loaded_model, engine, prompts, references):
+    """Rows come and go and the cache outgrows its first buffers: the compiled step is not redone
+    (on a GPU each compilation stalls decoding for a minute or more)."""
+    from torch._dynamo.utils import counters
+
+    steps = 530
+    long_prompt = engine.prompts.build(GenerationRequest("Go on.", params=SamplingParams(max_new_tokens=steps)))
+    long_reference = Reference(loaded_model, long_prompt, steps)
+    runner = ModelRunner(loaded_model, max_rows=8, compile_decode=True)
+    compiled_before = counters["stats"]["unique_graphs"]
+    prefilled, _ = runner.prefill([long_prompt])
+    runner.join(prefilled)
+    for step in range(1, steps):
+        tokens = [long_reference.tokens[step - 1]]
+        if step == 100:  # two more rows join for a while
+            prefilled, _ = runner.prefill(prompts[:2])
+            runner.join(prefilled)
+        if 100 <= step < 100 + STEPS - 1:
+            tokens += [references[row].tokens[step - 100] for row in range(2)]
+        if step == 100 + STEPS - 1:
+            runner.keep([0])
+        logits = runner.decode(tokens)
+        long_reference.check(step, logits[0])
+    assert runner.cache.row_capacity >= 3 and runner.cache.column_capacity > 530
+    assert runner.compiled.enabled and runner.compiled.checked
+    assert counters["stats"]["unique_graphs"] - compiled_before <= 1  # 0 when an earlier test compiled it

@@ -32,7 +32,8 @@ MAX_GRAPHS = 64  # each holds its kernels' parameters; past this, new buckets ru
 
 
 def row_bucket(rows: int, capacity: int) -> int:
-    return min(capacity, 1 << (rows - 1).bit_length())
+    """A power of two, at least 2: a compiled step is specialised for exactly one row."""
+    return min(capacity, max(2, 1 << (rows - 1).bit_length()))
 
 
 def column_bucket(columns: int, capacity: int) -> int:
@@ -42,9 +43,13 @@ def column_bucket(columns: int, capacity: int) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, cache: StaticKVCache, forward: Forward, capture: Capture) -> None:
+    """``step`` is what gets recorded (eager or compiled); ``reference`` is the plain eager step
+    each capture is checked against."""
+
+    def __init__(self, cache: StaticKVCache, step: Forward, reference: Forward, capture: Capture) -> None:
         self.cache = cache
-        self.forward = forward
+        self.step = step
+        self.reference = reference
         self.capture = capture
         self.enabled = True
         self._graphs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
@@ -63,7 +68,7 @@ class DecodeGraphs:
         graph = self._graphs.get(key)
         if graph is None:
             if not self.enabled or len(self._graphs) >= MAX_GRAPHS:
-                return self.forward(rows, columns)
+                return self.step(key[0], columns)[:rows]  # bucketed rows still: never one compiled row
             return self._capture(key, rows, columns)
         replay, logits = graph
         replay()
@@ -71,15 +76,15 @@ class DecodeGraphs:
 
     def _capture(self, key: tuple[int, int], rows: int, columns: int) -> torch.Tensor:
         bucket_rows, bucket_columns = key
-        reference = self.forward(bucket_rows, bucket_columns)[:rows].clone()
+        reference = self.reference(bucket_rows, bucket_columns)[:rows].clone()
         try:
-            replay, logits = self.capture(lambda: self.forward(bucket_rows, bucket_columns))
+            replay, logits = self.capture(lambda: self.step(bucket_rows, bucket_columns))
             replay()
         except Exception:  # any failure means: decode without graphs
             logger.warning("capturing a decode step in a CUDA graph failed; decoding eagerly", exc_info=True)
             self.enabled = False
             return reference
-        if not _same_logits(logits[:rows], reference):
+        if not same_logits(logits[:rows], reference):
             logger.warning(
                 "a CUDA-graph decode step disagreed with the eager step (%s rows, %s columns); decoding eagerly",
                 bucket_rows,
@@ -92,7 +97,7 @@ class DecodeGraphs:
         return logits[:rows]
 
 
-def _same_logits(replayed: torch.Tensor, reference: torch.Tensor) -> bool:
+def same_logits(replayed: torch.Tensor, reference: torch.Tensor) -> bool:
     """Same greedy tokens, and logits equal up to rounding (kernels may differ under capture)."""
     if not torch.equal(replayed.argmax(dim=-1), reference.argmax(dim=-1)):
         return False

@@ -27,12 +27,15 @@ class Engine:
         max_images: int = 8,
         limits: SchedulerLimits | None = None,
         cuda_graphs: bool = True,
+        compile_decode: bool | None = None,
     ) -> None:
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
         self.prompts = PromptBuilder(loaded.processor, max_images=max_images)
         limits = limits or SchedulerLimits()
-        self.runner = ModelRunner(loaded, max_rows=limits.max_running, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(
+            loaded, max_rows=limits.max_running, cuda_graphs=cuda_graphs, compile_decode=compile_decode
+        )
         self.scheduler = Scheduler(
             self.runner,
             self.prompts,
@@ -65,6 +68,7 @@ class Engine:
             max_images=settings.max_images_per_request,
             limits=limits,
             cuda_graphs=settings.cuda_graphs,
+            compile_decode=settings.compile_decode,
         )
 
     def submit(self, request: GenerationRequest, *, stream: bool = False) -> RequestHandle:

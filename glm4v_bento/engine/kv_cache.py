@@ -49,6 +49,7 @@ class StaticKVCache:
         self.mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=device)  # True: a real token
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # text position of the next token
         self.tokens = torch.zeros(0, dtype=torch.long, device=device)  # the token fed next
+        self._host_tokens = torch.zeros(0, dtype=torch.long)
         # Set by the caller before a forward pass: what update() attends over.
         self.view_rows = 0
         self.view_columns = 0
@@ -58,8 +59,13 @@ class StaticKVCache:
 
     # --- the batch changes (between steps)
 
-    def join(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor,
-             lengths: list[int]) -> None:  # fmt: skip
+    def join(
+        self,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: list[int],
+    ) -> None:
         """Add rows after a prefill: per-layer (keys, values) of shape (new_rows, kv_heads, p, head_dim),
         their left-padded (new_rows, p) mask, next-token positions, and real lengths."""
         new_rows, prompt_width = mask.shape
@@ -111,7 +117,11 @@ class StaticKVCache:
     def prepare_step(self, tokens: list[int]) -> int:
         """Load each running row's next token and open column ``width`` -> columns to attend over."""
         self._reserve(self.rows, self.width + 1, None)
-        self.tokens[: self.rows].copy_(torch.tensor(tokens, dtype=torch.long))
+        # Through a pinned buffer: an asynchronous copy, not a wait for the device. (The buffer is
+        # free again by the next step: reading the sampled tokens back waited for this copy.)
+        staged = self._host_tokens[: self.rows]
+        staged.copy_(torch.tensor(tokens, dtype=torch.long))
+        self.tokens[: self.rows].copy_(staged, non_blocking=True)
         for write_column in {id(t): t for t in self._write_columns}.values():
             write_column.fill_(self.width)
         # Every row, spare ones included, sees its own new token: a spare row used by a captured
@@ -140,7 +150,7 @@ class StaticKVCache:
     def _reserve(self, rows: int, columns: int, layer_devices: list[torch.device] | None) -> None:
         if rows <= self.row_capacity and columns <= self.column_capacity:
             return
-        row_capacity = min(self.max_rows, max(rows, 2 * self.row_capacity, 1))
+        row_capacity = min(self.max_rows, max(rows, 2 * self.row_capacity, 2))
         row_capacity = max(row_capacity, rows)
         # Columns grow by a quarter: the buffers are rows x columns, so doubling a long batch's
         # columns could ask for tens of GB at once (while the old buffers are still held).
@@ -149,17 +159,18 @@ class StaticKVCache:
         devices = layer_devices or [keys.device for keys in self.keys]
         shape = (row_capacity, self.kv_heads, column_capacity, self.head_dim)
         old_rows, old_width = self.rows, self.width
-        keys = [torch.zeros(shape, dtype=self.dtype, device=device) for device in devices]
-        values = [torch.zeros(shape, dtype=self.dtype, device=device) for device in devices]
+        keys = [_sized(torch.zeros(shape, dtype=self.dtype, device=device), 0, 2) for device in devices]
+        values = [_sized(torch.zeros(shape, dtype=self.dtype, device=device), 0, 2) for device in devices]
         for layer in range(len(self.keys)):
             keys[layer][:old_rows, :, :old_width] = self.keys[layer][:old_rows, :, :old_width]
             values[layer][:old_rows, :, :old_width] = self.values[layer][:old_rows, :, :old_width]
         self.keys, self.values = keys, values
-        mask = torch.zeros(row_capacity, 1, 1, column_capacity, dtype=torch.bool, device=self.device)
+        mask = _sized(torch.zeros(row_capacity, 1, 1, column_capacity, dtype=torch.bool, device=self.device), 0, 3)
         mask[:old_rows, :, :, :old_width] = self.mask[:old_rows, :, :, :old_width]
         self.mask = mask
         self.positions = _grown(self.positions, row_capacity, old_rows)
         self.tokens = _grown(self.tokens, row_capacity, old_rows)
+        self._host_tokens = torch.zeros(row_capacity, dtype=torch.long, pin_memory=self.device.type == "cuda")
         write_columns = {device: torch.zeros(1, dtype=torch.long, device=device) for device in set(devices)}
         self._write_columns = [write_columns[device] for device in devices]
         self.row_capacity, self.column_capacity = row_capacity, column_capacity
@@ -190,6 +201,13 @@ class StaticKVCache:
 
 
 def _grown(tensor: torch.Tensor, size: int, keep: int) -> torch.Tensor:
-    grown = torch.zeros(size, dtype=tensor.dtype, device=tensor.device)
+    grown = _sized(torch.zeros(size, dtype=tensor.dtype, device=tensor.device), 0)
     grown[:keep] = tensor[:keep]
     return grown
+
+
+def _sized(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
+    """Tell torch.compile these sizes vary (capacities grow), so a compiled step is not redone."""
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor

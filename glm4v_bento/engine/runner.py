@@ -5,7 +5,8 @@ so the model's own per-call ``rope_deltas`` state is never relied on.
 
 Prefill runs the whole model (vision encoder included) once per admitted group and hands
 its keys and values to the running batch's static cache. A decode step runs the language
-model's own layers over that cache; on a single CUDA device it is replayed from a CUDA graph.
+model's own layers over that cache; on a single CUDA device it is compiled with torch.compile
+and replayed from CUDA graphs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from glm4v_bento.engine.decode_graphs import Capture, DecodeGraphs, cuda_capture
+from glm4v_bento.engine import decode_attention
+from glm4v_bento.engine.compiled_step import CompiledStep
+from glm4v_bento.engine.decode_graphs import Capture, DecodeGraphs, Forward, cuda_capture
 from glm4v_bento.engine.kv_cache import StaticKVCache
 from glm4v_bento.engine.loader import LoadedModel
 from glm4v_bento.engine.prompt import PreparedPrompt
@@ -35,27 +38,44 @@ class Prefilled:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, *, max_rows: int = 32, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, max_rows: int = 32, cuda_graphs: bool = True, compile_decode: bool | None = None
+    ) -> None:
+        """``compile_decode``: torch.compile the decode step (None: on a single CUDA device only)."""
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
         self._text_model = self.model.model.language_model
         # The checkpoint's vocabulary is padded past the tokenizer; those ids are never text.
         self._vocab_limit = len(loaded.tokenizer)
-        self.cache = StaticKVCache(self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype,
-                                   max_rows=max_rows)  # fmt: skip
+        self.cache = StaticKVCache(
+            self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype, max_rows=max_rows
+        )
+        one_gpu = self._single_cuda_device()
+        self.compiled: CompiledStep | None = None
+        if compile_decode if compile_decode is not None else one_gpu:
+            self.compiled = CompiledStep(self._forward)
+        self._step: Forward = self.compiled or self._forward
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and self._single_cuda_device():
+        if cuda_graphs and one_gpu:
             self.use_graphs(cuda_capture())
 
     def use_graphs(self, capture: Capture) -> DecodeGraphs:
         """Decode through graphs recorded by ``capture`` (the CUDA one, or a stand-in in tests)."""
-        self.graphs = DecodeGraphs(self.cache, self._forward, capture)
+        self.graphs = DecodeGraphs(self.cache, self._step, self._forward, capture)
         return self.graphs
 
     @property
     def rows(self) -> int:
         return self.cache.rows
+
+    def decode_path(self) -> dict[str, bool | int]:
+        """How decode steps run now (a check that failed shows as False here, and in the log)."""
+        return {
+            "compiled": self.compiled is not None and self.compiled.enabled,
+            "cuda_graphs": self.graphs is not None and self.graphs.enabled,
+            "cuda_graphs_captured": self.graphs.captured if self.graphs is not None else 0,
+        }
 
     @torch.inference_mode()
     def prefill(self, prompts: list[PreparedPrompt]) -> tuple[Prefilled, torch.Tensor]:
@@ -90,10 +110,10 @@ class ModelRunner:
         layers = [(layer.keys, layer.values) for layer in prefilled.cache.layers]
         self.cache.join(layers, prefilled.attention_mask, prefilled.positions, prefilled.lengths)
 
+    @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:
         """Keep only these running rows, in this order (the others finished or were cancelled)."""
-        with torch.inference_mode():
-            self.cache.keep(rows)
+        self.cache.keep(rows)
 
     def clear(self) -> None:
         self.cache.clear()
@@ -103,8 +123,12 @@ class ModelRunner:
         """Feed each running row its last sampled token -> next-token logits (rows in order)."""
         rows = self.cache.rows
         columns = self.cache.prepare_step(tokens)
-        step = self.graphs.run if self.graphs is not None else self._forward
-        logits = step(rows, columns)
+        if self.graphs is not None:
+            logits = self.graphs.run(rows, columns)
+        elif self.compiled is not None:  # never one row: that shape would be compiled a second time
+            logits = self._step(min(max(rows, 2), self.cache.row_capacity), columns)[:rows]
+        else:
+            logits = self._forward(rows, columns)
         self.cache.finish_step()
         return logits
 
@@ -120,10 +144,10 @@ class ModelRunner:
         # Made additive once here rather than converted from boolean by each of the layers.
         mask = torch.zeros((rows, 1, 1, columns), dtype=hidden.dtype, device=hidden.device)
         mask.masked_fill_(~cache.mask[:rows, :, :, :columns], torch.finfo(hidden.dtype).min)
-        # Decode attends through SDPA whichever kernel prefill is set to use: for one query token
-        # it reads the KV heads without repeating them, takes this mask as it is, and never syncs.
+        # Decode has its own attention whichever kernel prefill uses: it takes this mask as it
+        # is, reads the KV heads without repeating them, and never syncs.
         configured = text.config._attn_implementation
-        text.config._attn_implementation = "sdpa"
+        text.config._attn_implementation = decode_attention.NAME
         try:
             for layer in text.layers:
                 hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
