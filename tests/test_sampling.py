@@ -90,3 +90,29 @@ def test_seeded_sampling_repeats():
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(ValidationError):
         SamplingParams(**bad)
+
+
+def test_sampled_tokens_follow_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    row = seq(temperature=1.0, seed=11)
+    draws = [sample_next_tokens(logits, [row])[0] for _ in range(4000)]
+    expected = torch.softmax(logits[0], dim=-1).tolist()
+    for token, probability in enumerate(expected):
+        assert abs(draws.count(token) / len(draws) - probability) < 0.03, (token, probability)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    probabilities = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    row = seq(temperature=1.0, top_p=0.7, seed=2)  # 0.5 < 0.7 <= 0.5 + 0.3: the two best
+    picks = [sample_next_tokens(probabilities.log(), [row])[0] for _ in range(400)]
+    assert set(picks) == {0, 1}
+    assert 0.55 < picks.count(0) / len(picks) < 0.70  # renormalised: 0.5 / 0.8
+
+
+def test_a_seeded_row_repeats_whatever_shares_its_batch():
+    logits = LOGITS.repeat(3, 1)
+    alone = [sample_next_tokens(LOGITS, [r])[0] for r in [seq(temperature=3.0, seed=9)] for _ in range(20)]
+    row = seq(temperature=3.0, seed=9)
+    neighbours = [seq(temperature=2.0, seed=1), seq(temperature=1.0, top_k=3)]
+    together = [sample_next_tokens(logits, [neighbours[0], row, neighbours[1]])[1] for _ in range(20)]
+    assert together == alone

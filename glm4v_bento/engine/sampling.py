@@ -1,4 +1,9 @@
-"""Pick each row's next token with that row's own sampling parameters."""
+"""Pick each row's next token with that row's own sampling parameters.
+
+All rows that sample (temperature > 0) are filtered together: one sort of their logits
+serves top-k and top-p for every row at once, whatever each row asked for. Only the random
+draw is per row, so that a seeded request repeats whatever else shares its batch.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +12,39 @@ import torch
 from glm4v_bento.engine.sequence import Sequence
 
 
+@torch.inference_mode()
 def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-    """``logits`` is (rows, vocab) for the last position of each sequence, in order."""
-    logits = logits.float()
-    needs_row_work = [
-        i for i, seq in enumerate(sequences) if seq.params.repetition_penalty != 1.0 or not seq.params.greedy
-    ]
-    if not needs_row_work:  # all greedy, no penalty: one batched argmax
-        return logits.argmax(dim=-1).tolist()
-
+    """``logits`` is (rows, vocab) for the last position of each sequence, in order (left unchanged)."""
+    penalised = [i for i, seq in enumerate(sequences) if seq.params.repetition_penalty != 1.0]
+    logits = logits.float().clone() if penalised else logits.float()
+    for i in penalised:
+        seq = sequences[i]
+        logits[i] = apply_repetition_penalty(logits[i], seq.seen_token_ids, seq.params.repetition_penalty)
     tokens = logits.argmax(dim=-1)
-    for i in needs_row_work:
-        tokens[i] = _sample_row(logits[i], sequences[i])
+    sampled = [i for i, seq in enumerate(sequences) if not seq.params.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        tokens[rows] = _draw(logits[rows], [sequences[i] for i in sampled])
     return tokens.tolist()
 
 
-def _sample_row(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    params = seq.params
-    if params.repetition_penalty != 1.0:
-        row = apply_repetition_penalty(row, seq.seen_token_ids, params.repetition_penalty)
-    if params.greedy:
-        return row.argmax()
-    row = row / params.temperature
-    if params.top_k > 0:
-        k = min(params.top_k, row.numel())
-        kth_best = torch.topk(row, k).values[-1]
-        row = row.masked_fill(row < kth_best, float("-inf"))
-    if params.top_p < 1.0:
-        row = _top_p_filter(row, params.top_p)
-    probs = torch.softmax(row, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=seq.generator)[0]
+def _draw(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """One token per row from its temperature-scaled, top-k and top-p filtered distribution."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([s.params.temperature for s in sequences], device=device)
+    top_k = torch.tensor([s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in sequences], device=device)
+    top_p = torch.tensor([s.params.top_p for s in sequences], device=device)
+
+    ranked, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    beyond_k = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
+    ranked = ranked.masked_fill(beyond_k, float("-inf"))
+    probs = torch.softmax(ranked, dim=-1)
+    # Drop a token when the better tokens before it already reach top_p; the best one always stays.
+    beyond_p = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    probs = torch.softmax(ranked.masked_fill(beyond_p, float("-inf")), dim=-1)
+    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), with each row's own generator.
+    race = torch.stack([torch.empty(vocab, device=device).exponential_(generator=s.generator) for s in sequences])
+    return order.gather(1, (probs / race).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -45,13 +53,3 @@ def apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float)
     scores = row.gather(0, index)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return row.scatter(0, index, scores)
-
-
-def _top_p_filter(row: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of best tokens whose probability reaches ``top_p``."""
-    sorted_logits, order = torch.sort(row, descending=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    # Drop a token when the tokens before it already reach top_p; the best one always stays.
-    drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(row).scatter(0, order, sorted_logits)
