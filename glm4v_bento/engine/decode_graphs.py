@@ -28,7 +28,9 @@ Forward = Callable[[int, int], torch.Tensor]
 # Records ``step`` once; returns what replays it and the tensor each replay writes the logits to.
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
-MAX_GRAPHS = 64  # each holds its kernels' parameters; past this, new buckets run eagerly
+# Each graph keeps its logits buffer (up to 64 rows x 151552 x 2 bytes: 19 MB); past this
+# many, new buckets run without a graph. About 6 row buckets x 20 column buckets up to 16k.
+MAX_GRAPHS = 128
 
 
 def row_bucket(rows: int, capacity: int) -> int:

@@ -16,12 +16,14 @@ from glm4v_bento.engine.sequence import Sequence
 def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     """``logits`` is (rows, vocab) for the last position of each sequence, in order (left unchanged)."""
     penalised = [i for i, seq in enumerate(sequences) if seq.params.repetition_penalty != 1.0]
+    sampled = [i for i, seq in enumerate(sequences) if not seq.params.greedy]
+    if not penalised and not sampled:  # all greedy: the argmax of the logits as they are
+        return logits.argmax(dim=-1).tolist()
     logits = logits.float().clone() if penalised else logits.float()
     for i in penalised:
         seq = sequences[i]
         logits[i] = apply_repetition_penalty(logits[i], seq.seen_token_ids, seq.params.repetition_penalty)
     tokens = logits.argmax(dim=-1)
-    sampled = [i for i, seq in enumerate(sequences) if not seq.params.greedy]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
         tokens[rows] = _draw(logits[rows], [sequences[i] for i in sampled])
