@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     )
     max_running: int = Field(32, ge=1, description="Requests decoding at once in the running batch.")
     max_batch_tokens: int = Field(
-        262_144, ge=1, description="KV-cache room the running requests may reserve (prompt + max_new_tokens each)."
+        294_912,  # 32 rows of 9,216 tokens: 8,192 new ones after a 1,024-token prompt
+        ge=1,
+        description="KV-cache room of the running batch: rows x the longest row's prompt + max_new_tokens.",
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running generations may finish before they are cancelled."

@@ -101,3 +101,12 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
+
+
+def test_decode_step_bench_runs_eager_and_compiled(tiny_model_dir, tmp_path):
+    bench = _load("decode_step_bench")
+    output = tmp_path / "benchmarks.md"
+    args = ["--model", str(tiny_model_dir), "--rows", "2", "--capacities", "512", "2048", "--steps", "2"]
+    assert bench.main([*args, "--output", str(output)]) == 0
+    rows = [line for line in output.read_text().splitlines() if line.startswith(("| eager |", "| compiled |"))]
+    assert len(rows) == 4

@@ -232,3 +232,27 @@ def test_one_compilation_serves_every_batch_size_and_cache_length(loaded_model, 
     assert runner.cache.row_capacity >= 3 and runner.cache.column_capacity > 530
     assert runner.compiled.enabled and runner.compiled.checked
     assert counters["stats"]["unique_graphs"] - compiled_before <= 1  # 0 when an earlier test compiled it
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong", "wrong after a recompilation"])
+def test_a_compiled_step_that_fails_or_disagrees_is_turned_off(loaded_model, prompts, references, caplog, failure):
+    from torch._dynamo.utils import counters
+
+    runner = ModelRunner(loaded_model, max_rows=4, compile_decode=True)
+    calls = []
+
+    def broken(rows, columns):
+        calls.append(rows)
+        if failure == "raises":
+            raise RuntimeError("triton: no C compiler (simulated)")
+        if failure == "wrong":
+            return -runner._forward(rows, columns)
+        if len(calls) < 4:  # right at first (the first check passes), then compiled again, wrongly
+            return runner._forward(rows, columns)
+        counters["stats"]["unique_graphs"] += 1
+        return -runner._forward(rows, columns)
+
+    runner.compiled.compiled = broken  # what torch.compile produced, stood in for
+    decode_alone(runner, prompts[0], references[0])
+    assert not runner.compiled.enabled and runner.decode_path()["compiled"] is False
+    assert "decoding eagerly from now on" in caplog.text

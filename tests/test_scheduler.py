@@ -175,3 +175,24 @@ def test_leaving_a_stream_early_cancels_the_request(make_engine):
     handle = asyncio.run(consume_a_little())
     assert handle.result(timeout=30).finish_reason == "cancelled"
     wait_until(lambda: engine.running == 0)
+
+
+def test_a_cache_that_cannot_compact_fails_its_rows_and_the_engine_goes_on(make_engine, monkeypatch):
+    """Compaction runs on the device and can fail (out of GPU memory): the rows still running
+    end with an error, the ones that had finished keep their answer, and later requests run."""
+    engine = make_engine()
+    real_keep = engine.runner.keep
+    calls = []
+
+    def failing_once(rows):
+        calls.append(rows)
+        if len(calls) == 1 and rows:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_keep(rows)
+
+    monkeypatch.setattr(engine.runner, "keep", failing_once)
+    short, long = engine.generate([request("short", 3), request("long", 30)])
+    assert short.finish_reason == "length" and short.error is None
+    assert long.finish_reason == "error" and long.error_type == "internal"
+    [later] = engine.generate([request("later", 5)])
+    assert later.finish_reason == "length" and later.usage.completion_tokens == 5

@@ -6,8 +6,9 @@ launch and a round trip through memory. Inductor fuses them. Shapes are compiled
 so one compilation serves every batch size and cache length (the one-row case is never
 compiled: callers pad it to two rows).
 
-The first compiled step is checked against the eager step; a compilation that fails or
-disagrees turns compilation off for the process (with a warning) and decoding goes on eagerly.
+The first compiled step, and any step that made torch.compile compile again, is checked
+against the eager step; a compilation that fails or disagrees turns compilation off for the
+process (with a warning) and decoding goes on eagerly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from glm4v_bento.engine.decode_graphs import Forward, same_logits
 
@@ -32,24 +34,38 @@ class CompiledStep:
     def __call__(self, rows: int, columns: int) -> torch.Tensor:
         if not self.enabled:
             return self.eager(rows, columns)
-        if self.checked:
-            return self.compiled(rows, columns)
-        return self._first_call(rows, columns)
+        if not self.checked:
+            return self._checked_call(rows, columns, "compiling the decode step with torch.compile (a while) ...")
+        compilations = _compilations()
+        logits = self.compiled(rows, columns)
+        if _compilations() != compilations:  # compiled again (a shape or guard it had not seen): check it too
+            logger.warning("the decode step was compiled again, for %d rows x %d columns", rows, columns)
+            reference = self.eager(rows, columns)
+            if not same_logits(logits, reference):
+                return self._turn_off(reference, "the recompiled decode step disagreed with the eager step")
+        return logits
 
-    def _first_call(self, rows: int, columns: int) -> torch.Tensor:
+    def _checked_call(self, rows: int, columns: int, note: str) -> torch.Tensor:
         reference = self.eager(rows, columns).clone()
-        logger.info("compiling the decode step with torch.compile (the first time takes a while) ...")
+        logger.info(note)
         started = time.perf_counter()
         try:
             logits = self.compiled(rows, columns)
         except Exception:  # any failure means: decode without compiling
-            logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
-            self.enabled = False
-            return reference
+            logger.warning("compiling the decode step failed", exc_info=True)
+            return self._turn_off(reference, "compiling the decode step failed")
         if not same_logits(logits, reference):
-            logger.warning("the compiled decode step disagreed with the eager step; decoding eagerly")
-            self.enabled = False
-            return reference
+            return self._turn_off(reference, "the compiled decode step disagreed with the eager step")
         logger.info("compiled the decode step in %.1f s", time.perf_counter() - started)
         self.checked = True
         return logits
+
+    def _turn_off(self, reference: torch.Tensor, why: str) -> torch.Tensor:
+        logger.warning("%s; decoding eagerly from now on", why)
+        self.enabled = False
+        return reference
+
+
+def _compilations() -> int:
+    """Graphs compiled so far in this process (torch.compile's own count)."""
+    return counters["stats"]["unique_graphs"]

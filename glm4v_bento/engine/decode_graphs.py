@@ -76,6 +76,11 @@ class DecodeGraphs:
         replay()
         return logits[:rows]
 
+    def _turn_off(self) -> None:
+        """Graphs go for good, the ones captured earlier too: something about them is not trusted."""
+        self.enabled = False
+        self._graphs.clear()
+
     def _capture(self, key: tuple[int, int], rows: int, columns: int) -> torch.Tensor:
         bucket_rows, bucket_columns = key
         reference = self.reference(bucket_rows, bucket_columns)[:rows].clone()
@@ -84,7 +89,7 @@ class DecodeGraphs:
             replay()
         except Exception:  # any failure means: decode without graphs
             logger.warning("capturing a decode step in a CUDA graph failed; decoding eagerly", exc_info=True)
-            self.enabled = False
+            self._turn_off()
             return reference
         if not same_logits(logits[:rows], reference):
             logger.warning(
@@ -92,7 +97,7 @@ class DecodeGraphs:
                 bucket_rows,
                 bucket_columns,
             )
-            self.enabled = False
+            self._turn_off()
             return reference
         self._graphs[key] = (replay, logits)
         logger.info("captured a decode step for %s rows x %s columns in a CUDA graph", bucket_rows, bucket_columns)

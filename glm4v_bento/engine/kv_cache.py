@@ -12,7 +12,8 @@ up), and columns that became padding for every row are cut from the left. Buffer
 when rows (doubling) or columns (by a quarter) run out; ``generation`` counts
 reallocations so that anything holding their addresses (captured graphs) starts again.
 The memory held is rows x columns x (2 x layers x kv_heads x head_dim) values: about
-40 KB per cell for GLM-4.1V-9B in bf16. It is kept for the next batch, not given back.
+40 KB per cell for GLM-4.1V-9B in bf16. It is kept for the next batch, unless a long batch
+grew it past RELEASE_COLUMNS.
 
 The host keeps each row's length, so the per-step bookkeeping needs no device readback.
 """
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 _COLUMN_ALIGN = 256  # column capacity is a multiple of this (aligned attention-mask rows)
+RELEASE_COLUMNS = 4096  # buffers grown past this are given back when the batch empties
 
 
 class StaticKVCache:
@@ -45,6 +47,7 @@ class StaticKVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._write_columns: list[torch.Tensor] = []  # per layer: (1,) index of the column written this step
+        self._row_indices: list[torch.Tensor] = []  # per layer: 0..row_capacity-1 on its device
         # Per-row decode inputs, on the input device (the model's first device).
         self.mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=device)  # True: a real token
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # text position of the next token
@@ -70,7 +73,7 @@ class StaticKVCache:
         their left-padded (new_rows, p) mask, next-token positions, and real lengths."""
         new_rows, prompt_width = mask.shape
         width = max(self.width, prompt_width)
-        self._reserve(self.rows + new_rows, width + 1, [keys.device for keys, _ in layers])
+        self.reserve(self.rows + new_rows, width + 1, [keys.device for keys, _ in layers])
         if prompt_width > self.width and self.rows:
             self._shift(prompt_width - self.width)
         self.width = width
@@ -107,16 +110,21 @@ class StaticKVCache:
         self._trim()
 
     def clear(self) -> None:
-        """No running rows; the buffers stay allocated for the next batch."""
+        """No running rows. The buffers stay for the next batch, unless a long one grew them
+        past RELEASE_COLUMNS: an idle server does not sit on tens of GB."""
         self.rows = 0
         self.width = 0
         self.lengths = []
+        if self.column_capacity > RELEASE_COLUMNS:
+            self.keys, self.values, self._write_columns, self._row_indices = [], [], [], []
+            self.row_capacity = self.column_capacity = 0
+            self.generation += 1
 
     # --- one decode step
 
     def prepare_step(self, tokens: list[int]) -> int:
         """Load each running row's next token and open column ``width`` -> columns to attend over."""
-        self._reserve(self.rows, self.width + 1, None)
+        self.reserve(self.rows, self.width + 1, None)
         # Through a pinned buffer: an asynchronous copy, not a wait for the device. (The buffer is
         # free again by the next step: reading the sampled tokens back waited for this copy.)
         staged = self._host_tokens[: self.rows]
@@ -139,23 +147,30 @@ class StaticKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Called by each attention layer: store this step's key/value, return what to attend over."""
         rows, columns = self.view_rows, self.view_columns
-        keys = self.keys[layer_idx][:rows]
-        values = self.values[layer_idx][:rows]
-        keys.index_copy_(2, self._write_columns[layer_idx], key)
-        values.index_copy_(2, self._write_columns[layer_idx], value)
-        return keys[:, :, :columns], values[:, :, :columns]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # Written through the whole buffer with index tensors, not into a slice of it: compiled,
+        # a write into a slice becomes a copy of the slice (the entire cache) and back.
+        at = (self._row_indices[layer_idx][:rows], slice(None), self._write_columns[layer_idx])
+        keys[at] = key[:, :, 0]
+        values[at] = value[:, :, 0]
+        return keys[:rows, :, :columns], values[:rows, :, :columns]
 
     # --- buffers
 
-    def _reserve(self, rows: int, columns: int, layer_devices: list[torch.device] | None) -> None:
+    def reserve(self, rows: int, columns: int, layer_devices: list[torch.device] | None = None) -> None:
+        """Room for ``rows`` x ``columns`` (grown as needed, never shrunk here)."""
         if rows <= self.row_capacity and columns <= self.column_capacity:
             return
-        row_capacity = min(self.max_rows, max(rows, 2 * self.row_capacity, 2))
-        row_capacity = max(row_capacity, rows)
+        # Only the axis that ran out grows. Rows double (few reallocations; at most max_rows).
+        row_capacity = self.row_capacity
+        if rows > row_capacity:
+            row_capacity = max(rows, min(self.max_rows, max(2 * row_capacity, 2)))
         # Columns grow by a quarter: the buffers are rows x columns, so doubling a long batch's
         # columns could ask for tens of GB at once (while the old buffers are still held).
-        column_capacity = max(columns, self.column_capacity * 5 // 4, 2 * _COLUMN_ALIGN)
-        column_capacity = -(-column_capacity // _COLUMN_ALIGN) * _COLUMN_ALIGN
+        column_capacity = self.column_capacity
+        if columns > column_capacity:
+            column_capacity = max(columns, column_capacity * 5 // 4, 2 * _COLUMN_ALIGN)
+            column_capacity = -(-column_capacity // _COLUMN_ALIGN) * _COLUMN_ALIGN
         devices = layer_devices or [keys.device for keys in self.keys]
         shape = (row_capacity, self.kv_heads, column_capacity, self.head_dim)
         old_rows, old_width = self.rows, self.width
@@ -173,6 +188,8 @@ class StaticKVCache:
         self._host_tokens = torch.zeros(row_capacity, dtype=torch.long, pin_memory=self.device.type == "cuda")
         write_columns = {device: torch.zeros(1, dtype=torch.long, device=device) for device in set(devices)}
         self._write_columns = [write_columns[device] for device in devices]
+        row_indices = {device: _sized(torch.arange(row_capacity, device=device), 0) for device in set(devices)}
+        self._row_indices = [row_indices[device] for device in devices]
         self.row_capacity, self.column_capacity = row_capacity, column_capacity
         self.generation += 1
 

@@ -12,6 +12,7 @@ and replayed from CUDA graphs.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class ModelRunner:
         """``compile_decode``: torch.compile the decode step (None: on a single CUDA device only)."""
         self.loaded = loaded
         self.model = loaded.model
-        self.device = loaded.device
+        self.device = _with_index(loaded.device)
         self._text_model = self.model.model.language_model
         # The checkpoint's vocabulary is padded past the tokenizer; those ids are never text.
         self._vocab_limit = len(loaded.tokenizer)
@@ -100,7 +101,7 @@ class ModelRunner:
         lengths = [p.num_tokens for p in prompts]
         # A text token's position is its index among the row's real tokens plus the row's delta.
         positions = torch.tensor(lengths, device=rope_deltas.device) + rope_deltas.view(-1)
-        logits = output.logits[:, -1]
+        logits = output.logits[:, -1].to(self.device)  # where sampling's generators live
         self._mask_padded_vocab(logits)
         return Prefilled(cache, batch["attention_mask"], positions, lengths), logits
 
@@ -122,15 +123,18 @@ class ModelRunner:
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """Feed each running row its last sampled token -> next-token logits (rows in order)."""
         rows = self.cache.rows
-        columns = self.cache.prepare_step(tokens)
-        if self.graphs is not None:
-            logits = self.graphs.run(rows, columns)
-        elif self.compiled is not None:  # never one row: that shape would be compiled a second time
-            logits = self._step(min(max(rows, 2), self.cache.row_capacity), columns)[:rows]
-        else:
-            logits = self._forward(rows, columns)
-        self.cache.finish_step()
-        return logits
+        # The scheduler thread's current CUDA device is cuda:0 whatever the model's: graphs are
+        # captured on the current device's streams, so it must be the model's.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            columns = self.cache.prepare_step(tokens)
+            if self.graphs is not None:
+                logits = self.graphs.run(rows, columns)
+            elif self.compiled is not None:  # never one row: that shape would be compiled a second time
+                logits = self._step(min(max(rows, 2), self.cache.row_capacity), columns)[:rows]
+            else:
+                logits = self._forward(rows, columns)
+            self.cache.finish_step()
+        return logits.to(self.device)  # a model spread over devices ends on its last one
 
     def _forward(self, rows: int, columns: int) -> torch.Tensor:
         """One decode step of ``rows`` rows attending over ``columns`` cache columns; every input
@@ -218,3 +222,10 @@ class ModelRunner:
     def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
         if logits.shape[-1] > self._vocab_limit:
             logits[:, self._vocab_limit :] = float("-inf")
+
+
+def _with_index(device: torch.device) -> torch.device:
+    """ "cuda" -> "cuda:0" (the current one): parameters report an index, and graphs need the right device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

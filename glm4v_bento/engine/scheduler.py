@@ -6,7 +6,7 @@ cancelled rows leave at once. Static mode admits only into an empty batch, so a 
 runs until its longest row ends (the classic batcher, kept for comparison).
 
 Admission is first come, first served, within three bounds: rows running at once, the
-KV-cache room reserved by the running rows (prompt + max_new_tokens each), and a bounded
+KV-cache room (rows x the longest row's prompt + max_new_tokens: the cache is a rectangle), and a bounded
 wait queue that refuses new work at once when full.
 """
 
@@ -44,7 +44,7 @@ class EngineClosedError(RuntimeError):
 @dataclass(frozen=True)
 class SchedulerLimits:
     max_running: int = 32
-    max_batch_tokens: int = 262_144
+    max_batch_tokens: int = 294_912
     max_waiting: int = 256
     policy: Literal["continuous", "static"] = "continuous"
 
@@ -164,6 +164,8 @@ class Scheduler:
             logger.exception("the scheduler stopped unexpectedly")
             raise
         finally:
+            with self._cond:  # no one may queue behind a loop that is gone
+                self._closed = True
             self._fail_everything("cancelled", None)
 
     def _admit(self) -> list[tuple[Sequence, RequestHandle]] | None:
@@ -182,7 +184,9 @@ class Scheduler:
             candidates = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
 
         admitted: list[tuple[Sequence, RequestHandle]] = []
-        reserved = sum(seq.reserved_tokens for seq, _ in self._running)
+        # The KV cache is a rectangle: every row gets as many columns as the longest row can need.
+        rows = len(self._running)
+        longest = max((seq.reserved_tokens for seq, _ in self._running), default=0)
         for position, entry in enumerate(candidates):
             if entry.sequence is None:
                 try:
@@ -190,12 +194,13 @@ class Scheduler:
                 except (PromptError, ValueError) as exc:
                     self._finish_early(entry, str(exc), "invalid_request")
                     continue
-            fits = reserved + entry.sequence.reserved_tokens <= self.limits.max_batch_tokens
+            fits = (rows + 1) * max(longest, entry.sequence.reserved_tokens) <= self.limits.max_batch_tokens
             if not fits and (self._running or admitted):
                 with self._cond:  # no room yet: back to the head of the queue, order kept
                     self._waiting.extendleft(reversed(candidates[position:]))
                 break
-            reserved += entry.sequence.reserved_tokens
+            rows += 1
+            longest = max(longest, entry.sequence.reserved_tokens)
             admitted.append((entry.sequence, entry.handle))
         return admitted
 
@@ -236,7 +241,9 @@ class Scheduler:
             self._prefill(admitted)
         except Exception as batch_error:
             logger.exception("prefill of %d new requests failed", len(admitted))
-            self.runner.keep(list(range(len(self._running))))  # drop them from the cache if they got in
+            if not self._keep_rows(list(range(len(self._running)))):  # drop them from the cache if they got in
+                self._finish_failed(admitted, batch_error)
+                return
             if len(admitted) == 1:
                 self._finish_failed(admitted, batch_error)
                 return
@@ -290,7 +297,18 @@ class Scheduler:
             if seq.finished:
                 self._deliver(seq, handle)
         self._running = [self._running[row] for row in keep]
-        self.runner.keep(keep)
+        self._keep_rows(keep)
+
+    def _keep_rows(self, rows: list[int]) -> bool:
+        """Compact the cache to ``rows``; if that fails (out of GPU memory...), the running rows
+        cannot go on: they end with an error, and the loop carries on with the next requests."""
+        try:
+            self.runner.keep(rows)
+        except Exception as exc:
+            logger.exception("compacting the running batch failed")
+            self._fail_everything("error", exc)
+            return False
+        return True
 
     def _deliver(self, seq: Sequence, handle: RequestHandle) -> None:
         handle.emit(seq.take_delta())
