@@ -40,6 +40,12 @@ class ServiceMetrics:
         self.requests = Counter("glm4v_requests", "Finished generations by finish reason", ["finish_reason"])
         self.cache = Counter("glm4v_result_cache", "Result cache lookups", ["outcome"])
         self.rejections = Counter("glm4v_rejections", "Requests refused, by reason", ["reason"])
+        self.decode_path = Gauge(
+            "glm4v_decode_fast_path",
+            "1 while decode steps use it: compiled (torch.compile) or cuda_graphs; 0 if off or turned off",
+            ["path"],
+            multiprocess_mode="livemax",
+        )
         self._last_gauges = 0.0
         self._lock = threading.Lock()
 
@@ -54,8 +60,9 @@ class ServiceMetrics:
         if result.usage.completion_tokens > 1:
             self.inter_token_latency.observe(result.timings.decode_s / (result.usage.completion_tokens - 1))
 
-    def observe_step(self, running: int, waiting: int) -> None:
-        """Called by the scheduler at every step: occupancy always, gauges a few times a second."""
+    def observe_step(self, running: int, waiting: int, decode_path: dict[str, bool | int] | None = None) -> None:
+        """Called by the scheduler at every step: occupancy always, gauges a few times a second.
+        ``decode_path`` is the runner's: a fast path turned off at run time shows here."""
         self.occupancy.observe(running)
         now = time.monotonic()
         if now - self._last_gauges >= 0.25 or running == 0:  # always report going idle
@@ -63,6 +70,9 @@ class ServiceMetrics:
                 self._last_gauges = now
                 self.running.set(running)
                 self.queue_depth.set(waiting)
+                for path in ("compiled", "cuda_graphs"):
+                    if decode_path is not None:
+                        self.decode_path.labels(path).set(int(bool(decode_path[path])))
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason).inc()

@@ -63,8 +63,8 @@ class ModelHost:
         self._claims: dict[str, asyncio.Future[RequestHandle]] = {}
         # Told of every result a client receives (rate-limit charging, metrics).
         self.on_result: Callable[[GenerationResult], None] | None = None
-        # Told after every scheduler step: (rows running, requests waiting).
-        self.on_step: Callable[[int, int], None] | None = None
+        # Told after every scheduler step: (rows running, requests waiting, how decode steps run).
+        self.on_step: Callable[[int, int, dict[str, bool | int]], None] | None = None
         self.cache: ResultCache | None = None
         self.on_cache: Callable[[bool], None] | None = None  # told of each lookup (hit or miss)
         self._cache_keys: dict[str, str] = {}  # request id -> key, until the result is stored
@@ -81,7 +81,7 @@ class ModelHost:
             started = time.perf_counter()
             self.model_path = resolve_path()
             engine = Engine.from_settings(self.settings.model_copy(update={"model": self.model_path}))
-            engine.scheduler.on_step = self.on_step
+            engine.scheduler.on_step = lambda running, waiting: self._observe_step(engine, running, waiting)
             if self.settings.warmup_tokens > 0:
                 self._warm_up(engine)
             self.engine = engine
@@ -90,6 +90,11 @@ class ModelHost:
         except Exception as exc:
             logger.exception("loading the model failed")
             self.error = f"loading the model failed: {type(exc).__name__}: {exc}"
+
+    def _observe_step(self, engine: Engine, running: int, waiting: int) -> None:
+        # self.on_step is read here, at each step: it may be set after loading began.
+        if self.on_step is not None:
+            self.on_step(running, waiting, engine.runner.decode_path())
 
     def _warm_up(self, engine: Engine) -> None:
         """One short generation with an image, so the first real request pays no start-up costs."""

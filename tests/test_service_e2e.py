@@ -281,6 +281,10 @@ def test_service_metrics_on_the_metrics_endpoint(server):
     for name in ("glm4v_queue_depth", "glm4v_running_sequences", "glm4v_batch_occupancy_bucket",
                  "glm4v_inter_token_latency_seconds_bucket", "glm4v_prompt_tokens_total"):  # fmt: skip
         assert name in text, name
+    # On a CPU neither fast path is on: the gauges say so (on a GPU, 0 would mean one was turned off).
+    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+    for path in ("compiled", "cuda_graphs"):
+        assert f'glm4v_decode_fast_path{{path="{path}"}} 0.0' in lines, path
 
 
 def test_deterministic_answers_come_from_the_result_cache(server):
