@@ -256,3 +256,61 @@ def test_a_compiled_step_that_fails_or_disagrees_is_turned_off(loaded_model, pro
     decode_alone(runner, prompts[0], references[0])
     assert not runner.compiled.enabled and runner.decode_path()["compiled"] is False
     assert "decoding eagerly from now on" in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mode", ["eager", "graphs"])
+def test_random_joins_and_leaves_give_each_row_its_solo_logits(loaded_model, engine, seed, mode):
+    """Rows of random prompts join in random groups and leave at random steps (some cut short,
+    as a cancel would), over a cache that has to grow: every row's logits at every step are
+    those of the same row decoded alone."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ["a", "a longer prompt " * 3, "describe " * 12, "x " * 30, "two words"]
+    requests = [GenerationRequest(text) for text in texts]
+    requests.append(GenerationRequest("and a picture", images=[make_image(56, 84)]))
+    prompts = [engine.prompts.build(request) for request in requests]
+    scripts = [[rng.randrange(10, 300) for _ in range(rng.randrange(4, 40))] for _ in prompts]
+
+    def alone(index: int) -> list[torch.Tensor]:
+        runner = ModelRunner(loaded_model, max_rows=1)
+        prefilled, logits = runner.prefill([prompts[index]])
+        runner.join(prefilled)
+        steps = [logits[0].clone()]
+        for token in scripts[index][:-1]:
+            steps.append(runner.decode([token])[0].clone())
+        return steps
+
+    solo = [alone(index) for index in range(len(prompts))]
+    runner = ModelRunner(loaded_model, max_rows=4)
+    if mode == "graphs":
+        runner.use_graphs(eager_replay)
+    waiting = list(range(len(prompts)))
+    rng.shuffle(waiting)
+    running: list[int] = []
+    done: dict[int, int] = {}  # prompt -> steps checked
+    stops = {index: rng.randrange(1, len(scripts[index]) + 1) for index in range(len(prompts))}
+
+    def check(index: int, logits: torch.Tensor) -> None:
+        assert torch.allclose(logits, solo[index][done[index]], atol=1e-4, rtol=1e-4), (seed, index, done[index])
+        done[index] += 1
+
+    while waiting or running:
+        if waiting and len(running) < 4 and rng.random() < 0.5:
+            group = [waiting.pop() for _ in range(min(rng.randrange(1, 3), len(waiting), 4 - len(running)))]
+            prefilled, logits = runner.prefill([prompts[index] for index in group])
+            runner.join(prefilled)
+            for row, index in enumerate(group):
+                done[index] = 0
+                check(index, logits[row])
+            running += group
+        if running:
+            logits = runner.decode([scripts[index][done[index] - 1] for index in running])
+            for row, index in enumerate(running):
+                check(index, logits[row])
+        staying = [row for row, index in enumerate(running) if done[index] < stops[index]]
+        running = [running[row] for row in staying]
+        runner.keep(staying)
+        assert runner.rows == len(running)
+        assert not running or runner.cache.width == max(runner.cache.lengths)
