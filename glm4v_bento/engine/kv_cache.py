@@ -96,7 +96,7 @@ class StaticKVCache:
         if not rows:
             self.clear()
             return
-        if rows != list(range(self.rows))[: len(rows)]:
+        if rows != list(range(len(rows))):  # else the kept rows are already in place
             kept = len(rows)
             index = torch.tensor(rows, device=self.device)
             for layer in range(self.num_layers):
@@ -195,26 +195,25 @@ class StaticKVCache:
 
     def _shift(self, columns: int) -> None:
         """Move the running rows right by ``columns`` (a longer prompt is joining)."""
-        rows, width = self.rows, self.width
-        for buffers in (self.keys, self.values):
-            for buffer in buffers:
-                buffer[:rows, :, columns : columns + width] = buffer[:rows, :, :width].clone()
-                buffer[:rows, :, :columns].zero_()
-        self.mask[:rows, :, :, columns : columns + width] = self.mask[:rows, :, :, :width].clone()
-        self.mask[:rows, :, :, :columns] = False
+        self._move_columns(0, self.width, to=columns)
+        self.mask[: self.rows, :, :, :columns] = False  # what is left there is finite: masking suffices
 
     def _trim(self) -> None:
         """Cut columns that are padding for every running row (left behind by a long row that ended)."""
         start = self.width - max(self.lengths)
         if start <= 0:
             return
-        rows, width = self.rows, self.width
-        for buffers in (self.keys, self.values):
-            for buffer in buffers:
-                buffer[:rows, :, : width - start] = buffer[:rows, :, start:width].clone()
-        self.mask[:rows, :, :, : width - start] = self.mask[:rows, :, :, start:width].clone()
-        self.mask[:rows, :, :, width - start :] = False
-        self.width = width - start
+        self._move_columns(start, self.width, to=0)
+        self.mask[: self.rows, :, :, self.width - start :] = False
+        self.width -= start
+
+    def _move_columns(self, start: int, end: int, *, to: int) -> None:
+        """Copy the running rows' columns [start, end) of keys, values and mask to begin at ``to``."""
+        count = end - start
+        buffers = [(buffer, 2) for buffer in (*self.keys, *self.values)] + [(self.mask, 3)]
+        for buffer, column_dim in buffers:
+            running = buffer[: self.rows]
+            running.narrow(column_dim, to, count).copy_(running.narrow(column_dim, start, count).clone())
 
 
 def _grown(tensor: torch.Tensor, size: int, keep: int) -> torch.Tensor:
