@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 from glm4v_bento.engine import GenerationResult
@@ -60,9 +61,11 @@ class ServiceMetrics:
         if result.usage.completion_tokens > 1:
             self.inter_token_latency.observe(result.timings.decode_s / (result.usage.completion_tokens - 1))
 
-    def observe_step(self, running: int, waiting: int, decode_path: dict[str, bool | int] | None = None) -> None:
+    def observe_step(
+        self, running: int, waiting: int, decode_path: Callable[[], dict[str, bool | int]] | None = None
+    ) -> None:
         """Called by the scheduler at every step: occupancy always, gauges a few times a second.
-        ``decode_path`` is the runner's: a fast path turned off at run time shows here."""
+        ``decode_path`` is the runner's (read with the gauges): a fast path turned off shows here."""
         self.occupancy.observe(running)
         now = time.monotonic()
         if now - self._last_gauges >= 0.25 or running == 0:  # always report going idle
@@ -70,9 +73,10 @@ class ServiceMetrics:
                 self._last_gauges = now
                 self.running.set(running)
                 self.queue_depth.set(waiting)
-                for path in ("compiled", "cuda_graphs"):
-                    if decode_path is not None:
-                        self.decode_path.labels(path).set(int(bool(decode_path[path])))
+                if decode_path is not None:
+                    now_used = decode_path()
+                    for path in ("compiled", "cuda_graphs"):
+                        self.decode_path.labels(path).set(int(bool(now_used[path])))
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason).inc()

@@ -63,8 +63,8 @@ class ModelHost:
         self._claims: dict[str, asyncio.Future[RequestHandle]] = {}
         # Told of every result a client receives (rate-limit charging, metrics).
         self.on_result: Callable[[GenerationResult], None] | None = None
-        # Told after every scheduler step: (rows running, requests waiting, how decode steps run).
-        self.on_step: Callable[[int, int, dict[str, bool | int]], None] | None = None
+        # Told after every scheduler step: (rows running, requests waiting, what says how decode steps run).
+        self.on_step: Callable[[int, int, Callable[[], dict[str, bool | int]]], None] | None = None
         self.cache: ResultCache | None = None
         self.on_cache: Callable[[bool], None] | None = None  # told of each lookup (hit or miss)
         self._cache_keys: dict[str, str] = {}  # request id -> key, until the result is stored
@@ -94,7 +94,7 @@ class ModelHost:
     def _observe_step(self, engine: Engine, running: int, waiting: int) -> None:
         # self.on_step is read here, at each step: it may be set after loading began.
         if self.on_step is not None:
-            self.on_step(running, waiting, engine.runner.decode_path())
+            self.on_step(running, waiting, engine.runner.decode_path)
 
     def _warm_up(self, engine: Engine) -> None:
         """One short generation with an image, so the first real request pays no start-up costs."""
