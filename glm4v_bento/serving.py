@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -144,18 +145,36 @@ class ModelHost:
         """Submit items together (they start in the same step when there is room); one outcome each."""
         if self.engine is None:
             return [BatchOutcome(request_id=i.request_id, status=503, error=self.not_ready_message()) for i in items]
+        engine_ids = [self._engine_id(item.request_id) for item in items]
+        try:
+            return await self._run_items(items, engine_ids)
+        finally:
+            for item, engine_id in zip(items, engine_ids, strict=True):
+                if engine_id != item.request_id:  # ours alone: nobody else will release it
+                    self.release(engine_id)
+
+    def _engine_id(self, client_id: str) -> str:
+        """The id an item runs under. An in-process caller's id (claimed) is unique already; any
+        other was chosen by a client, who may reuse it (two scripts both counting from 0), so it
+        runs under an id of its own and only the outcome carries the client's."""
+        claim = self._claims.get(client_id)
+        if claim is not None and not claim.done():
+            return client_id
+        return f"{client_id}@{uuid.uuid4().hex[:12]}"
+
+    async def _run_items(self, items: list[BatchItem], engine_ids: list[str]) -> list[BatchOutcome]:
         outcomes: list[BatchOutcome | None] = [None] * len(items)
         requests: list[tuple[int, GenerationRequest]] = []
-        for index, item in enumerate(items):
+        for index, (item, engine_id) in enumerate(zip(items, engine_ids, strict=True)):
             try:
                 images = _decode_base64(item.images_b64)
                 hit = await self.cached_answer(
-                    item.request_id, item.params, item.cache, images=images, prompt=item.prompt, system=item.system
+                    engine_id, item.params, item.cache, images=images, prompt=item.prompt, system=item.system
                 )
                 if hit is not None:
-                    outcomes[index] = BatchOutcome(request_id=item.request_id, status=200, result=hit)
+                    outcomes[index] = _outcome(item.request_id, hit)
                     continue
-                requests.append((index, self.to_request(item.request_id, images, item)))
+                requests.append((index, self.to_request(engine_id, images, item)))
             except ImageError as exc:
                 outcomes[index] = BatchOutcome(
                     request_id=item.request_id, status=image_error_status(exc), error=str(exc)
@@ -176,7 +195,7 @@ class ModelHost:
                 outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=429, error=str(refused))
         try:
             for index, handle in handles:
-                claim = self._claims.get(items[index].request_id)
+                claim = self._claims.get(engine_ids[index])
                 if claim is not None and not claim.done():
                     # An in-process caller waits for this one itself: hand it over and move on, so
                     # the batcher is free to pass on the next batch while this one generates.
@@ -361,9 +380,12 @@ def _decode_base64(encoded_images: list[str]) -> list[bytes]:
 
 
 def _outcome(request_id: str, result: GenerationResult) -> BatchOutcome:
+    """The outcome the client sees, under the id the client gave."""
     if result.finish_reason == "cancelled" and not result.text:
         return BatchOutcome(request_id=request_id, status=503, error="the request was cancelled before it ran")
     if result.finish_reason != "error":
+        if result.request_id != request_id:
+            result = result.model_copy(update={"request_id": request_id})
         return BatchOutcome(request_id=request_id, status=200, result=result)
     status = 400 if result.error_type == "invalid_request" else 500
     return BatchOutcome(request_id=request_id, status=status, error=result.error)

@@ -11,6 +11,7 @@ from conftest import encode, make_image
 from glm4v_bento.config import Settings
 from glm4v_bento.engine import SamplingParams
 from glm4v_bento.model_source import ModelSource
+from glm4v_bento.result_cache import MemoryResultCache
 from glm4v_bento.schemas import BatchItem
 from glm4v_bento.serving import ModelHost
 
@@ -90,3 +91,41 @@ def test_open_streams_are_limited(tiny_model_dir):
             handle.result(timeout=30)
     finally:
         streams.close()
+
+
+def text_item(request_id: str, prompt: str, cache: bool = True) -> BatchItem:
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    return BatchItem(request_id=request_id, prompt=prompt, params=params, cache=cache)
+
+
+def test_items_that_share_a_client_id_keep_their_own_answers(host):
+    """Ids on /v1/batch/generate are the client's: two items may share one (two scripts both
+    numbering from 0). Each still gets, and caches, the answer to its own prompt."""
+    host.cache = MemoryResultCache(10_000_000)
+    try:
+        fresh = asyncio.run(host.run_batch([text_item("0", "first", cache=False), text_item("1", "second", False)]))
+        first, second = (o.result.text for o in fresh)
+        assert first != second  # otherwise this test could not tell the answers apart
+
+        # Same id in one batch, then the same id from two batches at once.
+        shared = asyncio.run(host.run_batch([text_item("0", "first"), text_item("0", "second")]))
+        assert [(o.request_id, o.status, o.result.text) for o in shared] == [("0", 200, first), ("0", 200, second)]
+
+        async def concurrently():
+            return await asyncio.gather(
+                host.run_batch([text_item("7", "second")]), host.run_batch([text_item("7", "first")])
+            )
+
+        host.cache = MemoryResultCache(10_000_000)
+        concurrent = [o for [o] in asyncio.run(concurrently())]
+        assert [(o.request_id, o.result.text) for o in concurrent] == [("7", second), ("7", first)]
+
+        # What was stored under each prompt is that prompt's answer.
+        cached = asyncio.run(host.run_batch([text_item("x", "first"), text_item("y", "second")]))
+        assert [(o.request_id, o.result.cached, o.result.text) for o in cached] == [
+            ("x", True, first),
+            ("y", True, second),
+        ]
+        assert [o.result.request_id for o in cached + concurrent] == ["x", "y", "7", "7"]
+    finally:
+        host.cache = None
