@@ -12,7 +12,8 @@
 3. The request-timeout middleware arms a timer per request and leaves it armed after the
    request is answered, so every request is held in memory until its timeout (600 s here)
    has passed: under load, gigabytes. Here the timer is cancelled when the request ends;
-   the behaviour is otherwise the same (504 if no response has started in time).
+   the behaviour is otherwise the same (504 if no response has started in time), except
+   that the OpenAI routes answer it in OpenAI's error shape, as their other errors.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def install() -> None:
 
 def _disarm_request_timers() -> None:
     from bentoml._internal.server.http import traffic
-    from starlette.responses import JSONResponse
+
+    from glm4v_bento.http_limits import reply_error
 
     middleware = traffic.TimeoutMiddleware
     if getattr(middleware, "_glm4v_fixed", False):
@@ -66,7 +68,7 @@ def _disarm_request_timers() -> None:
         except TimeoutError:
             if handling.cancel():
                 message = f"the request was not answered within {self.timeout} seconds"
-                await JSONResponse({"error": message}, status_code=504)(scope, receive, send)
+                await reply_error(scope, send, 504, message, code="timeout")
             return
         finally:
             timer.cancel()  # the fix: nothing keeps the finished request alive

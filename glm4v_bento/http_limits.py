@@ -102,6 +102,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def openai_error_type(status: int) -> str:
+    """The ``type`` OpenAI's error bodies give for an HTTP status."""
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
 async def reply_error(
     scope: Scope,
     send: Send,
@@ -113,8 +120,7 @@ async def reply_error(
 ) -> None:
     """Answer with a JSON error: OpenAI's shape on the OpenAI routes, ``{"error": message}`` elsewhere."""
     if scope["path"].startswith(OPENAI_PREFIXES):  # OpenAI clients expect their error shape
-        kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-        error: object = {"message": message, "type": kind, "param": None, "code": code}
+        error: object = {"message": message, "type": openai_error_type(status), "param": None, "code": code}
     else:
         error = message
     body = json.dumps({"error": error}).encode()

@@ -31,6 +31,7 @@ from glm4v_bento.engine import (
     SamplingParams,
     Turn,
 )
+from glm4v_bento.http_limits import openai_error_type
 from glm4v_bento.image_urls import ImageURLError, URLPolicy, image_bytes
 from glm4v_bento.images import ImageError, load_image
 from glm4v_bento.openai_schemas import (
@@ -55,9 +56,7 @@ class OpenAIError(Exception):
 
     @property
     def type(self) -> str:
-        if self.status == 429:
-            return "rate_limit_error"
-        return "invalid_request_error" if self.status < 500 else "server_error"
+        return openai_error_type(self.status)
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

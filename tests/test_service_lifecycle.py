@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import requests
 from conftest import encode, make_image
@@ -116,5 +117,14 @@ def test_a_request_past_the_timeout_gets_504(bentoml_home, tmp_path):
     env = {"BENTOML_HOME": str(bentoml_home), "GLM4V_REQUEST_TIMEOUT_S": "1"}
     with Server("glm4v-tiny", tmp_path / "serve.log", **env) as server:
         response = infer(server.url, 8000)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as timed_out:
+            client.chat.completions.create(
+                model="glm4v-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8000
+            )
     assert response.status_code == 504
     assert "within 1 seconds" in response.json()["error"]
+    # OpenAI clients get their own error shape, so the reason reaches the caller's exception.
+    assert timed_out.value.status_code == 504
+    assert "within 1 seconds" in timed_out.value.message
+    assert timed_out.value.body["type"] == "server_error" and timed_out.value.code == "timeout"
