@@ -8,6 +8,7 @@ by the adaptive batcher into one engine batch.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sys
 import time
 import uuid
@@ -31,6 +32,7 @@ from glm4v_bento.config import get_settings
 from glm4v_bento.engine import EngineClosedError, GenerationResult, QueueFullError, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
 from glm4v_bento.image_urls import URLPolicy
+from glm4v_bento.images import CheckedImage
 from glm4v_bento.metrics import get_metrics
 from glm4v_bento.model_source import ModelSource
 from glm4v_bento.native_api import (
@@ -53,7 +55,7 @@ from glm4v_bento.schemas import (
     InferenceRequest,
     InferenceResponse,
 )
-from glm4v_bento.serving import ModelHost, now_iso
+from glm4v_bento.serving import ModelHost, as_sent, now_iso
 from glm4v_bento.streaming import MEDIA_TYPE as STREAM_MEDIA_TYPE
 from glm4v_bento.streaming import ndjson_events
 
@@ -193,27 +195,31 @@ class GLM4V:
             client._glm4v_configured = True
         return client
 
-    async def _through_batcher(self, items: list[BatchItem]) -> list[BatchOutcome]:
-        """Hand items to the adaptive batcher; wait here for their results."""
-        claims = [self.host.claim(item.request_id) for item in items]
+    async def _through_batcher(self, items: list[BatchItem], images: list[list[CheckedImage]]) -> list[BatchOutcome]:
+        """Hand items to the adaptive batcher, their images (already decoded) to the host; wait
+        here for their results."""
+        # Inside, each item goes by a secret id: /v1/batch/generate is open to clients, and an
+        # item there under the same id would be taken for this one.
+        secret_ids = [secrets.token_hex(16) for _ in items]
+        claims = [self.host.claim(i, imgs) for i, imgs in zip(secret_ids, images, strict=True)]
         try:
             try:
-                outcomes = await self._self_client().generate_batch(items)
+                sent = [item.model_copy(update={"request_id": i}) for item, i in zip(items, secret_ids, strict=True)]
+                outcomes = await self._self_client().generate_batch(sent)
             except BentoMLException as exc:
                 status = exc.error_code.value
                 message = "the server is overloaded; retry shortly" if status == 503 else str(exc)
                 return [BatchOutcome(request_id=i.request_id, status=status, error=message) for i in items]
             outcomes = [BatchOutcome.model_validate(o) if isinstance(o, dict) else o for o in outcomes]
-            return list(
-                await asyncio.gather(*(self.host.result_of(o, c) for o, c in zip(outcomes, claims, strict=True)))
-            )
+            finals = await asyncio.gather(*(self.host.result_of(o, c) for o, c in zip(outcomes, claims, strict=True)))
+            return [as_sent(o, item.request_id) for o, item in zip(finals, items, strict=True)]
         except asyncio.CancelledError:  # timed out or the client left: stop the generations now
-            for item in items:
-                self.host.cancel(item.request_id)
+            for secret_id in secret_ids:
+                self.host.cancel(secret_id)
             raise
         finally:
-            for item in items:
-                self.host.release(item.request_id)
+            for secret_id in secret_ids:
+                self.host.release(secret_id)
 
     def _model_brief(self) -> tuple[str, str]:
         engine = self.host.engine
@@ -232,7 +238,7 @@ class GLM4V:
             image = await anyio.to_thread.run_sync(read_image_upload, image_file, self.host.limits, "image_file")
         except ApiError as exc:
             return _error(exc.status, exc.message, request_id)
-        [outcome] = await self._through_batcher([to_batch_item(request_id, [image], request)])
+        [outcome] = await self._through_batcher([to_batch_item(request_id, request)], [[image]])
         if outcome.status != 200:
             return _error(outcome.status, outcome.error or "request failed", request_id)
         return inference_response(request_id, outcome, started, *self._model_brief())
@@ -249,7 +255,7 @@ class GLM4V:
         request = request_data or InferenceRequest()
         try:
             image = await anyio.to_thread.run_sync(read_image_upload, image_file, self.host.limits, "image_file")
-            item = to_batch_item(request_id, [], request)
+            item = to_batch_item(request_id, request)
             handle = await anyio.to_thread.run_sync(self.host.submit_stream, request_id, [image], item)
         except ApiError as exc:
             return _error(exc.status, exc.message, request_id)
@@ -286,6 +292,7 @@ class GLM4V:
 
         responses: list[InferenceResponse | None] = [None] * len(entries)
         items: list[BatchItem] = []
+        images: list[list[CheckedImage]] = []
         positions: list[int] = []
         for index, (path, entry) in enumerate(zip(image_files, entries, strict=True)):
             item_id = f"{request_id}-{index}"
@@ -295,10 +302,11 @@ class GLM4V:
             except ApiError as exc:
                 responses[index] = error_response(item_id, exc.message, started)
                 continue
-            items.append(to_batch_item(item_id, [image], entry))
+            items.append(to_batch_item(item_id, entry))
+            images.append([image])
             positions.append(index)
         if items:
-            outcomes = await self._through_batcher(items)
+            outcomes = await self._through_batcher(items, images)
             for index, outcome in zip(positions, outcomes, strict=True):
                 responses[index] = inference_response(outcome.request_id, outcome, started, *self._model_brief())
         return BatchInferenceResponse(
@@ -322,15 +330,15 @@ class GLM4V:
         if not self.host.ready:
             return _error(503, self.host.not_ready_message(), request_id)
         request = InferenceRequest(text_prompt=prompt, system_prompt=system, cache=cache)
-        uploads: list[bytes] = []
+        uploads: list[CheckedImage] = []
         for index, path in enumerate(images):
             try:
                 label = f"images[{index}]"
                 uploads.append(await anyio.to_thread.run_sync(read_image_upload, path, self.host.limits, label))
             except ApiError as exc:
                 return _error(exc.status, exc.message, request_id)
-        item = to_batch_item(request_id, uploads, request).model_copy(update={"params": params or SamplingParams()})
-        [outcome] = await self._through_batcher([item])
+        item = to_batch_item(request_id, request).model_copy(update={"params": params or SamplingParams()})
+        [outcome] = await self._through_batcher([item], [uploads])
         if outcome.status != 200 or outcome.result is None:
             return _error(outcome.status, outcome.error or "request failed", request_id)
         result: Any = outcome.result

@@ -40,6 +40,19 @@ class ImageLimits:
         return cls(s.max_image_bytes, s.max_image_pixels, s.max_aspect_ratio, s.min_image_side)
 
 
+@dataclass(frozen=True)
+class CheckedImage:
+    """An upload both as sent (its bytes key the result cache) and decoded (what the model takes)."""
+
+    data: bytes
+    image: Image.Image
+
+
+def check_image(data: bytes, limits: ImageLimits | None = None) -> CheckedImage:
+    """``load_image``, keeping the bytes it came from."""
+    return CheckedImage(data, load_image(data, limits))
+
+
 def load_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Decode ``data`` into an RGB ``PIL.Image`` within ``limits``; raise ``ImageError`` otherwise."""
     limits = limits or ImageLimits.from_settings()

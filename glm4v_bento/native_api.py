@@ -1,16 +1,16 @@
 """The native API's plumbing between HTTP inputs and the batcher, free of BentoML.
 
 Uploads are checked here (size, then a full decode) so that a bad image is refused at
-once with its own 4xx and never occupies a place in a batch.
+once with its own 4xx and never occupies a place in a batch; the decoded image is the one the
+model gets.
 """
 
 from __future__ import annotations
 
-import base64
 import time
 from pathlib import Path
 
-from glm4v_bento.images import ImageError, ImageLimits, load_image
+from glm4v_bento.images import CheckedImage, ImageError, ImageLimits, check_image
 from glm4v_bento.schemas import BatchItem, BatchOutcome, InferenceRequest, InferenceResponse, ModelInfoBrief
 from glm4v_bento.serving import image_error_status, now_iso
 
@@ -24,23 +24,22 @@ class ApiError(Exception):
         self.message = message
 
 
-def read_image_upload(path: Path, limits: ImageLimits, label: str = "image") -> bytes:
-    """The bytes of an uploaded image, once they are known to decode within the limits."""
+def read_image_upload(path: Path, limits: ImageLimits, label: str = "image") -> CheckedImage:
+    """An uploaded image, once it is known to decode within the limits."""
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise ApiError(413, f"{label}: the image is {size:,} bytes; the limit is {limits.max_bytes:,} bytes")
-    data = path.read_bytes()
     try:
-        load_image(data, limits)
+        return check_image(path.read_bytes(), limits)
     except ImageError as exc:
         raise ApiError(image_error_status(exc), f"{label}: {exc}") from None
-    return data
 
 
-def to_batch_item(request_id: str, images: list[bytes], request: InferenceRequest) -> BatchItem:
+def to_batch_item(request_id: str, request: InferenceRequest) -> BatchItem:
+    """The batcher's item for a request from this process. Its images stay with the host (see
+    ``ModelHost.claim``): sending them through the batcher would mean base64, JSON and a second decode."""
     return BatchItem(
         request_id=request_id,
-        images_b64=[base64.b64encode(data).decode("ascii") for data in images],
         prompt=request.text_prompt,
         system=request.system_prompt,
         params=request.sampling_params(),

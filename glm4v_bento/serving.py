@@ -31,7 +31,7 @@ from glm4v_bento.engine import (
     RequestHandle,
     SamplingParams,
 )
-from glm4v_bento.images import ImageError, ImageLimits, load_image
+from glm4v_bento.images import CheckedImage, ImageError, ImageLimits, check_image
 from glm4v_bento.model_source import ModelSource, revision_of
 from glm4v_bento.result_cache import MemoryResultCache, ResultCache, cache_key, is_deterministic
 from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
@@ -61,7 +61,9 @@ class ModelHost:
         self.engine: Engine | None = None
         self.model_path: str | None = None
         self.error: str | None = None
+        # Items whose caller is in this process and waits for them itself (see ``claim``).
         self._claims: dict[str, asyncio.Future[RequestHandle]] = {}
+        self._claimed_images: dict[str, list[CheckedImage]] = {}
         # Told of every result a client receives (rate-limit charging, metrics).
         self.on_result: Callable[[GenerationResult], None] | None = None
         # Told after every scheduler step: (rows running, requests waiting, what says how decode steps run).
@@ -149,27 +151,48 @@ class ModelHost:
         try:
             return await self._run_items(items, engine_ids)
         finally:
-            for item, engine_id in zip(items, engine_ids, strict=True):
-                if engine_id != item.request_id:  # ours alone: nobody else will release it
+            for engine_id in engine_ids:
+                if engine_id not in self._claims:  # a client's item, or its caller has left
                     self.release(engine_id)
 
     def _engine_id(self, client_id: str) -> str:
         """The id an item runs under. An in-process caller's id (claimed) is unique already; any
         other was chosen by a client, who may reuse it (two scripts both counting from 0), so it
         runs under an id of its own and only the outcome carries the client's."""
-        claim = self._claims.get(client_id)
-        if claim is not None and not claim.done():
-            return client_id
-        return f"{client_id}@{uuid.uuid4().hex[:12]}"
+        return client_id if self._claimed(client_id) else f"{client_id}@{uuid.uuid4().hex[:12]}"
+
+    def _claimed(self, request_id: str) -> bool:
+        claim = self._claims.get(request_id)
+        return claim is not None and not claim.done()
+
+    def _abandoned(self, item: BatchItem, engine_id: str) -> bool:
+        """Claimed when it arrived, but its caller has gone since (timed out, disconnected)."""
+        return engine_id == item.request_id and engine_id not in self._claims
+
+    async def _images_of(self, item: BatchItem, engine_id: str) -> list[CheckedImage]:
+        """The images left with ``claim`` by an in-process caller, then those the item carries
+        (a client's, base64), decoded off the event loop."""
+        claimed = self._claimed_images.get(engine_id, []) if engine_id == item.request_id else []
+        if not item.images_b64:
+            return claimed
+        return claimed + await anyio.to_thread.run_sync(_decode_base64, item.images_b64, self.limits)
 
     async def _run_items(self, items: list[BatchItem], engine_ids: list[str]) -> list[BatchOutcome]:
         outcomes: list[BatchOutcome | None] = [None] * len(items)
         requests: list[tuple[int, GenerationRequest]] = []
         for index, (item, engine_id) in enumerate(zip(items, engine_ids, strict=True)):
+            if self._abandoned(item, engine_id):
+                outcomes[index] = BatchOutcome(request_id=item.request_id, status=503, error=_CANCELLED)
+                continue
             try:
-                images = _decode_base64(item.images_b64)
+                images = await self._images_of(item, engine_id)
                 hit = await self.cached_answer(
-                    engine_id, item.params, item.cache, images=images, prompt=item.prompt, system=item.system
+                    engine_id,
+                    item.params,
+                    item.cache,
+                    images=[i.data for i in images],
+                    prompt=item.prompt,
+                    system=item.system,
                 )
                 if hit is not None:
                     outcomes[index] = _outcome(item.request_id, hit)
@@ -195,12 +218,14 @@ class ModelHost:
                 outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=429, error=str(refused))
         try:
             for index, handle in handles:
-                claim = self._claims.get(engine_ids[index])
-                if claim is not None and not claim.done():
+                if self._claimed(engine_ids[index]):
                     # An in-process caller waits for this one itself: hand it over and move on, so
                     # the batcher is free to pass on the next batch while this one generates.
-                    claim.set_result(handle)
+                    self._claims[engine_ids[index]].set_result(handle)
                     outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=202)
+                elif self._abandoned(items[index], engine_ids[index]):
+                    handle.cancel()
+                    outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=503, error=_CANCELLED)
                 else:
                     outcomes[index] = _outcome(items[index].request_id, self.completed(await handle.wait()))
         except asyncio.CancelledError:  # the callers gave up: stop their generations
@@ -209,15 +234,18 @@ class ModelHost:
             raise
         return [o for o in outcomes if o is not None]
 
-    def claim(self, request_id: str) -> asyncio.Future[RequestHandle]:
-        """Announce that this process will wait for ``request_id`` itself (see ``run_batch``).
-        Call ``release`` when done."""
+    def claim(self, request_id: str, images: list[CheckedImage] | None = None) -> asyncio.Future[RequestHandle]:
+        """Announce that this process will wait for ``request_id`` itself (see ``run_batch``),
+        and leave its images here: the batcher's item carries none. Use an id nobody outside
+        could guess, and call ``release`` when done."""
         future: asyncio.Future[RequestHandle] = asyncio.get_running_loop().create_future()
         self._claims[request_id] = future
+        self._claimed_images[request_id] = images or []
         return future
 
     def release(self, request_id: str) -> None:
         self._claims.pop(request_id, None)
+        self._claimed_images.pop(request_id, None)
         self._cache_keys.pop(request_id, None)
 
     async def result_of(self, outcome: BatchOutcome, claim: asyncio.Future[RequestHandle]) -> BatchOutcome:
@@ -274,14 +302,16 @@ class ModelHost:
             return None
         return hit.model_copy(update={"cached": True, "request_id": request_id})
 
-    def to_request(self, request_id: str, images: list[bytes], item: BatchItem) -> GenerationRequest:
-        """Decode the images (within the limits) and form the engine request."""
-        decoded = [load_image(data, self.limits) for data in images]
+    def to_request(self, request_id: str, images: list[CheckedImage], item: BatchItem) -> GenerationRequest:
         return GenerationRequest(
-            prompt=item.prompt, images=decoded, system=item.system, params=item.params, request_id=request_id
+            prompt=item.prompt,
+            images=[i.image for i in images],
+            system=item.system,
+            params=item.params,
+            request_id=request_id,
         )
 
-    def submit_stream(self, request_id: str, images: list[bytes], item: BatchItem) -> RequestHandle:
+    def submit_stream(self, request_id: str, images: list[CheckedImage], item: BatchItem) -> RequestHandle:
         """Start a streamed request (no batcher: it joins the running batch directly)."""
         if self.engine is None:
             raise RuntimeError(self.not_ready_message())
@@ -369,23 +399,36 @@ class ModelHost:
         }
 
 
-def _decode_base64(encoded_images: list[str]) -> list[bytes]:
+def _decode_base64(encoded_images: list[str], limits: ImageLimits) -> list[CheckedImage]:
     images = []
     for number, encoded in enumerate(encoded_images, start=1):
         try:
-            images.append(base64.b64decode(encoded, validate=True))
+            data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise ImageError("corrupt", f"image {number} is not valid base64") from None
+        try:
+            images.append(check_image(data, limits))
+        except ImageError as exc:
+            raise ImageError(exc.reason, f"image {number}: {exc.message}") from None
     return images
+
+
+_CANCELLED = "the request was cancelled before it ran"
+
+
+def as_sent(outcome: BatchOutcome, request_id: str) -> BatchOutcome:
+    """``outcome`` under the id its client gave (items run under ids of the server's)."""
+    if outcome.request_id == request_id and (outcome.result is None or outcome.result.request_id == request_id):
+        return outcome
+    result = outcome.result and outcome.result.model_copy(update={"request_id": request_id})
+    return outcome.model_copy(update={"request_id": request_id, "result": result})
 
 
 def _outcome(request_id: str, result: GenerationResult) -> BatchOutcome:
     """The outcome the client sees, under the id the client gave."""
     if result.finish_reason == "cancelled" and not result.text:
-        return BatchOutcome(request_id=request_id, status=503, error="the request was cancelled before it ran")
+        return BatchOutcome(request_id=request_id, status=503, error=_CANCELLED)
     if result.finish_reason != "error":
-        if result.request_id != request_id:
-            result = result.model_copy(update={"request_id": request_id})
-        return BatchOutcome(request_id=request_id, status=200, result=result)
+        return as_sent(BatchOutcome(request_id=request_id, status=200, result=result), request_id)
     status = 400 if result.error_type == "invalid_request" else 500
     return BatchOutcome(request_id=request_id, status=status, error=result.error)

@@ -110,3 +110,12 @@ def test_decode_step_bench_runs_eager_and_compiled(tiny_model_dir, tmp_path):
     assert bench.main([*args, "--output", str(output)]) == 0
     rows = [line for line in output.read_text().splitlines() if line.startswith(("| eager |", "| compiled |"))]
     assert len(rows) == 4
+
+
+def test_image_upload_bench_measures_through_the_server(tiny_model_dir, tmp_path):
+    bench = _load("image_upload_bench")
+    output = tmp_path / "benchmarks.md"
+    args = ["--model", str(tiny_model_dir), "--clients", "1", "--requests", "2", "--images", "2", "--side", "96"]
+    assert bench.main([*args, "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "| images/s |" in text and "| /health p99 (ms) |" in text

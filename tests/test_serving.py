@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 
 import pytest
 from conftest import encode, make_image
 
 from glm4v_bento.config import Settings
 from glm4v_bento.engine import SamplingParams
+from glm4v_bento.images import check_image
 from glm4v_bento.model_source import ModelSource
 from glm4v_bento.result_cache import MemoryResultCache
 from glm4v_bento.schemas import BatchItem
-from glm4v_bento.serving import ModelHost
+from glm4v_bento.serving import ModelHost, as_sent
 
 
 def host_for(path: str, **overrides) -> ModelHost:
@@ -129,3 +131,74 @@ def test_items_that_share_a_client_id_keep_their_own_answers(host):
         assert [o.result.request_id for o in cached + concurrent] == ["x", "y", "7", "7"]
     finally:
         host.cache = None
+
+
+def test_an_in_process_caller_hands_its_decoded_images_to_the_batch(host):
+    """The service's own handlers decode an upload once, leave it with ``claim``, and send the
+    batcher an item without images; the generation still sees the image."""
+    image = check_image(encode(make_image(56, 56)), host.limits)
+
+    async def through_claim(images):
+        claim = host.claim("caller-secret", images)
+        try:
+            [outcome] = await host.run_batch([text_item("caller-secret", "describe", cache=False)])
+            assert outcome.status == 202  # handed over: the caller waits for it itself
+            final = await host.result_of(outcome, claim)
+            return as_sent(final, "shown-to-client")
+        finally:
+            host.release("caller-secret")
+
+    with_image, text_only = asyncio.run(through_claim([image])), asyncio.run(through_claim([]))
+    assert with_image.status == text_only.status == 200
+    assert with_image.request_id == with_image.result.request_id == "shown-to-client"
+    assert with_image.result.usage.prompt_tokens > text_only.result.usage.prompt_tokens  # the image's tokens
+    assert "caller-secret" not in host._claims and "caller-secret" not in host._claimed_images
+
+
+class CallerLeavesDuringLookup:
+    """A remote result cache (looked up off the event loop) during whose lookup the in-process
+    caller of ``request_id`` times out and releases its claim."""
+
+    def __init__(self, host: ModelHost, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.host, self.request_id, self.loop = host, request_id, loop
+
+    def get(self, key: str):
+        left = threading.Event()
+        self.loop.call_soon_threadsafe(lambda: (self.host.release(self.request_id), left.set()))
+        assert left.wait(5)
+        return None
+
+    def put(self, key: str, result) -> None:
+        raise AssertionError("nothing should have run, so nothing should be stored")
+
+
+def test_an_item_whose_caller_left_meanwhile_does_not_run(host):
+    async def caller_leaves_during_the_lookup():
+        host.cache = CallerLeavesDuringLookup(host, "gone", asyncio.get_running_loop())
+        host.claim("gone", [check_image(encode(make_image(40, 40)), host.limits)])
+        return await host.run_batch([text_item("gone", "describe")])
+
+    try:
+        [outcome] = asyncio.run(caller_leaves_during_the_lookup())
+    finally:
+        host.cache = None
+    assert outcome.status == 503 and "cancelled" in outcome.error  # not run, and not without its image
+    assert "gone" not in host._cache_keys  # nothing left behind
+
+
+def test_client_images_are_decoded_off_the_event_loop(host, monkeypatch):
+    """A large upload takes tens of ms to decode: on the event loop it would stall every other request."""
+    decoded_on: list[str] = []
+
+    def recording(data, limits):
+        decoded_on.append(threading.current_thread().name)
+        return check_image(data, limits)
+
+    monkeypatch.setattr("glm4v_bento.serving.check_image", recording)
+
+    async def run():
+        return threading.current_thread().name, await host.run_batch([item("b64", [encode(make_image(40, 40))])])
+
+    loop_thread, [outcome] = asyncio.run(run())
+    assert outcome.status == 200
+    assert decoded_on and loop_thread not in decoded_on
