@@ -43,9 +43,11 @@ def photo_like(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-async def _client(http: httpx.AsyncClient, url: str, images: list[bytes], count: int, latencies: list) -> None:
+async def _client(
+    http: httpx.AsyncClient, url: str, images: list[bytes], count: int, latencies: list, cache: bool = False
+) -> None:
     files = [("image_files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    entry = {"text_prompt": "describe", "max_tokens": 1, "ignore_eos": True, "cache": False}
+    entry = {"text_prompt": "describe", "max_tokens": 1, "ignore_eos": True, "cache": cache}
     data = {"batch_request": json.dumps({"requests": [entry] * len(images)})}
     for _ in range(count):
         started = time.perf_counter()
@@ -69,11 +71,13 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
     batch_latencies: list[float] = []
     probe_latencies: list[float] = []
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=args.clients + 4)) as http:
-        await _client(http, url, images, 1, [])  # warm the path
+        await _client(http, url, images, 1, [], args.cache)  # warm the path
         stop = asyncio.Event()
         probe = asyncio.create_task(_probe(http, url, stop, probe_latencies))
         started = time.perf_counter()
-        await asyncio.gather(*(_client(http, url, images, args.requests, batch_latencies) for _ in range(args.clients)))
+        await asyncio.gather(
+            *(_client(http, url, images, args.requests, batch_latencies, args.cache) for _ in range(args.clients))
+        )
         wall = time.perf_counter() - started
         stop.set()
         await probe
@@ -97,7 +101,8 @@ def render(row: dict, args: argparse.Namespace, upload_kib: int) -> str:
             f"`bentoml serve` on this machine ({args.machine}). {args.clients} clients each send "
             f"{args.requests} `/v1/vision/batch-inference` requests of {args.images} photo-like "
             f"{args.side}x{args.side} PNGs (about {upload_kib} KiB each), 1 new token per item; meanwhile a "
-            "probe asks `/health` every 20 ms (answered on the same event loop).",
+            "probe asks `/health` every 20 ms (answered on the same event loop). Result cache: "
+            + ("on (every timed item is a cache hit)." if args.cache else "off."),
             "",
             "| measure | value |",
             "|---|---:|",
@@ -118,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--images", type=int, default=4, help="images per request")
     parser.add_argument("--side", type=int, default=2048, help="image side in pixels")
+    parser.add_argument(
+        "--cache", action="store_true", help="use the result cache: after the first, every item is a cache hit"
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     args.machine = cpu_name()
