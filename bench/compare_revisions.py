@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import cpu_name, publish
+from report import machine_name, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +77,6 @@ def base_tree(args: argparse.Namespace) -> Iterator[tuple[Path, str]]:
             yield tree, describe(ROOT, args.base)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-
-
-def machine_name() -> str:
-    import torch
-
-    return f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu_name()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 # python3 has torch. Prepare here first with `make gpu-kit` (wheels the machine lacks in .whl/,
 # the engine before the GPU work in .base/), then run, carrying .whl and .base:
 #     bash bench/gpu_session.sh
-# Writes benchmarks.md (four sections: as served, without compile, eager, before/after) and a log into $OUT (or bench/results/).
+# Writes benchmarks.md (five sections: as served, without compile, eager, before/after, prefill chunks) and a log
+# into $OUT (or bench/results/).
 # PYTHON picks the interpreter (python3); GPU_BENCH_ARGS=--tiny walks the same steps on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +33,7 @@ if [ -d "$base" ]; then
   step "$PYTHON" bench/compare_revisions.py --base-tree "$base" --rounds 1 --section gpu-before-after \
     --output "$report" -- bench/gpu_bench.py "${extra[@]}"
 fi
+if [[ " ${extra[*]} " == *" --tiny "* ]]; then chunk_model=(--architecture tiny --device cpu --prompt-words 100)
+else chunk_model=(--architecture glm4.1v-9b --device cuda); fi
+step "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 --repeats 2 --output "$report"
 echo "done: copy the sections of $report into docs/benchmarks.md" | tee -a "$OUT/log.txt"

@@ -17,6 +17,13 @@ def cpu_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {_cores()} cores"
 
 
+def machine_name() -> str:
+    """The GPU when there is one, else the CPU."""
+    import torch
+
+    return f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu_name()
+
+
 def _cores() -> int:
     import os
 

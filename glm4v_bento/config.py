@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         ge=1,
         description="KV-cache room of the running batch: rows x the longest row's prompt + max_new_tokens.",
     )
+    prefill_chunk_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Most prompt tokens prefilled between two decode steps of the running batch, so a long "
+        "prompt does not pause running streams for its whole prefill. 0: a whole prompt at once. Unset: "
+        "2048 on a GPU, 0 on a CPU (where attention over a chunk costs more than over a whole prompt).",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running generations may finish before they are cancelled."
     )

@@ -97,7 +97,7 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "benchmarks.md").read_text()
-    for section in ("gpu-bench", "gpu-bench-graphs-only", "gpu-bench-eager"):
+    for section in ("gpu-bench", "gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"):
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
@@ -119,3 +119,12 @@ def test_image_upload_bench_measures_through_the_server(tiny_model_dir, tmp_path
     assert bench.main([*args, "--output", str(output)]) == 0
     text = output.read_text()
     assert "| images/s |" in text and "| /health p99 (ms) |" in text
+
+
+def test_prefill_chunk_bench_compares_whole_and_chunked(tiny_model_dir, tmp_path):
+    bench = _load("prefill_chunk_bench")
+    output = tmp_path / "benchmarks.md"
+    args = ["--model", str(tiny_model_dir), "--chunks", "0", "32", "--prompt-words", "60", "--streams", "2"]
+    assert bench.main([*args, "--repeats", "1", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "| 0 |" in text and "| 32 |" in text and "longest pause" in text

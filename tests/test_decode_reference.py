@@ -80,13 +80,15 @@ def compiled_runner(loaded_model):
     return ModelRunner(loaded_model, max_rows=8, compile_decode=True)
 
 
-@pytest.fixture(params=["eager", "graphs", "compiled", "compiled+graphs"])
+@pytest.fixture(params=["eager", "chunked prefill", "graphs", "compiled", "compiled+graphs"])
 def runner(request, loaded_model, compiled_runner):
     if request.param.startswith("compiled"):
         runner = compiled_runner
         runner.graphs = None
     else:
-        runner = ModelRunner(loaded_model, max_rows=8)
+        # Chunks of 7 columns cut through padding, image tokens and the prompts' ends.
+        chunk = 7 if request.param == "chunked prefill" else None
+        runner = ModelRunner(loaded_model, max_rows=8, prefill_chunk_tokens=chunk)
     if request.param.endswith("graphs"):
         runner.use_graphs(eager_replay)
     yield runner

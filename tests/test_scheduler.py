@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -196,3 +197,92 @@ def test_a_cache_that_cannot_compact_fails_its_rows_and_the_engine_goes_on(make_
     assert long.finish_reason == "error" and long.error_type == "internal"
     [later] = engine.generate([request("later", 5)])
     assert later.finish_reason == "length" and later.usage.completion_tokens == 5
+
+
+class RunnerCalls:
+    """The order in which the scheduler calls the runner's prefill chunks and decode steps
+    (each call still runs)."""
+
+    def __init__(self, runner, monkeypatch) -> None:
+        self.names: list[str] = []
+        for name in ("prefill_step", "decode"):
+            real = getattr(runner, name)
+
+            def record(*args, _real=real, _name=name):
+                self.names.append(_name)
+                return _real(*args)
+
+            monkeypatch.setattr(runner, name, record)
+
+    def count(self, name: str) -> int:
+        return self.names.count(name)
+
+
+@pytest.fixture
+def chunked_engine(loaded_model):
+    engines = []
+
+    def make(chunk: int) -> Engine:
+        engines.append(Engine(loaded_model, default_max_new_tokens=32, prefill_chunk_tokens=chunk))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def test_a_long_prompt_is_prefilled_between_the_running_rows_decode_steps(chunked_engine, engine, monkeypatch):
+    chunked = chunked_engine(16)
+    calls = RunnerCalls(chunked.runner, monkeypatch)
+    running = chunked.submit(request("a stream that runs meanwhile", 3000))
+    wait_until(lambda: chunked.running == 1)
+    long = request("word " * 200, 6)
+    result = chunked.submit(long).result(timeout=60)
+    running.cancel()
+
+    chunks = -(-result.usage.prompt_tokens // 16)
+    assert chunks >= 10
+    last_chunks = [i for i, name in enumerate(calls.names) if name == "prefill_step"][-chunks:]
+    # One decode step of the running row after every chunk: it never paused for the whole prompt.
+    for first, second in itertools.pairwise(last_chunks):
+        assert calls.names[first + 1 : second] == ["decode"]
+    # And the chunked prompt's answer is the one it gets prefilled whole.
+    [whole] = engine.generate([long])
+    assert result.text == whole.text and result.usage == whole.usage
+
+
+def test_a_request_cancelled_during_its_prefill_stops_there(chunked_engine, monkeypatch):
+    chunked = chunked_engine(1)
+    calls = RunnerCalls(chunked.runner, monkeypatch)
+    running = chunked.submit(request("a stream that runs meanwhile", 5000))
+    wait_until(lambda: chunked.running == 1)
+    before = calls.count("prefill_step")
+    handle = chunked.submit(request("word " * 200, 4))
+    wait_until(lambda: calls.count("prefill_step") >= before + 3)
+    handle.cancel()
+    result = handle.result(timeout=30)
+    assert result.finish_reason == "cancelled" and result.usage.completion_tokens == 0
+    assert calls.count("prefill_step") - before < 200  # the rest of its 200+ chunks never ran
+    assert not running.done  # the running row goes on
+    running.cancel()
+
+
+def test_shutting_down_during_a_prefill_ends_that_request_too(chunked_engine, monkeypatch):
+    chunked = chunked_engine(1)
+    calls = RunnerCalls(chunked.runner, monkeypatch)
+    handle = chunked.submit(request("word " * 200, 4))
+    wait_until(lambda: calls.count("prefill_step") >= 3)
+    chunked.close()
+    result = handle.result(timeout=30)
+    assert result.finish_reason == "cancelled" and "shut down" in result.error
+
+
+def test_prompts_are_prefilled_whole_on_the_cpu_unless_chunks_are_asked_for(engine, tiny_model_dir):
+    from glm4v_bento.config import Settings
+
+    assert engine.runner.prefill_chunk_tokens == 0  # auto: chunks only on a GPU
+    chunked = Engine.from_settings(Settings(model=str(tiny_model_dir), device="cpu", prefill_chunk_tokens=64))
+    try:
+        assert chunked.runner.prefill_chunk_tokens == 64
+    finally:
+        chunked.close()

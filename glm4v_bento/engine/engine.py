@@ -28,13 +28,18 @@ class Engine:
         limits: SchedulerLimits | None = None,
         cuda_graphs: bool = True,
         compile_decode: bool | None = None,
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
         self.prompts = PromptBuilder(loaded.processor, max_images=max_images)
         limits = limits or SchedulerLimits()
         self.runner = ModelRunner(
-            loaded, max_rows=limits.max_running, cuda_graphs=cuda_graphs, compile_decode=compile_decode
+            loaded,
+            max_rows=limits.max_running,
+            cuda_graphs=cuda_graphs,
+            compile_decode=compile_decode,
+            prefill_chunk_tokens=prefill_chunk_tokens,
         )
         self.scheduler = Scheduler(
             self.runner,
@@ -69,6 +74,7 @@ class Engine:
             limits=limits,
             cuda_graphs=settings.cuda_graphs,
             compile_decode=settings.compile_decode,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
         )
 
     def submit(self, request: GenerationRequest, *, stream: bool = False) -> RequestHandle:

@@ -3,8 +3,10 @@
 Positions are computed here (multimodal RoPE, per row) and passed to the model explicitly,
 so the model's own per-call ``rope_deltas`` state is never relied on.
 
-Prefill runs the whole model (vision encoder included) once per admitted group and hands
-its keys and values to the running batch's static cache. A decode step runs the language
+Prefill runs the vision encoder once per admitted group, then the language model over the
+prompt, in chunks of at most ``prefill_chunk_tokens`` (the scheduler decodes the running batch
+between two chunks, so a long prompt does not stall it), and hands the keys and values to the
+running batch's static cache. A decode step runs the language
 model's own layers over that cache; on a single CUDA device it is compiled with torch.compile
 and replayed from CUDA graphs.
 """
@@ -27,6 +29,10 @@ from glm4v_bento.engine.prompt import PreparedPrompt
 
 logger = logging.getLogger(__name__)
 
+# On CUDA, SDPA attends over a chunk and its cache with a memory-efficient kernel; on the CPU,
+# a chunk's masked attention costs more than the whole prompt's causal one (docs/benchmarks.md).
+AUTO_PREFILL_CHUNK_TOKENS = 2048
+
 
 @dataclass
 class Prefilled:
@@ -38,14 +44,42 @@ class Prefilled:
     lengths: list[int]
 
 
+@dataclass
+class PrefillJob:
+    """A group's prefill in progress: its prompts embedded, ``done`` columns run so far."""
+
+    embeds: torch.Tensor  # (rows, columns, hidden), images already written in
+    attention_mask: torch.Tensor  # (rows, columns), left-padded
+    position_ids: torch.Tensor  # (3, rows, columns): multimodal positions
+    rope_deltas: torch.Tensor
+    lengths: list[int]
+    cache: DynamicCache
+    done: int = 0
+
+    @property
+    def columns(self) -> int:
+        return self.embeds.shape[1]
+
+
 class ModelRunner:
     def __init__(
-        self, loaded: LoadedModel, *, max_rows: int = 32, cuda_graphs: bool = True, compile_decode: bool | None = None
+        self,
+        loaded: LoadedModel,
+        *,
+        max_rows: int = 32,
+        cuda_graphs: bool = True,
+        compile_decode: bool | None = None,
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
-        """``compile_decode``: torch.compile the decode step (None: on a single CUDA device only)."""
+        """``compile_decode``: torch.compile the decode step (None: on a single CUDA device only).
+        ``prefill_chunk_tokens``: the most prompt columns one prefill step runs (0: all; None:
+        AUTO_PREFILL_CHUNK_TOKENS on CUDA, all elsewhere)."""
         self.loaded = loaded
         self.model = loaded.model
         self.device = _with_index(loaded.device)
+        if prefill_chunk_tokens is None:
+            prefill_chunk_tokens = AUTO_PREFILL_CHUNK_TOKENS if self.device.type == "cuda" else 0
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._text_model = self.model.model.language_model
         # The checkpoint's vocabulary is padded past the tokenizer; those ids are never text.
         self._vocab_limit = len(loaded.tokenizer)
@@ -78,9 +112,16 @@ class ModelRunner:
             "cuda_graphs_captured": self.graphs.captured if self.graphs is not None else 0,
         }
 
-    @torch.inference_mode()
     def prefill(self, prompts: list[PreparedPrompt]) -> tuple[Prefilled, torch.Tensor]:
-        """Run new prompts (images through the vision encoder once) -> their rows and last logits."""
+        """Run new prompts to the end now -> their rows and last logits."""
+        job = self.begin_prefill(prompts)
+        while (done := self.prefill_step(job)) is None:
+            pass
+        return done
+
+    @torch.inference_mode()
+    def begin_prefill(self, prompts: list[PreparedPrompt]) -> PrefillJob:
+        """Embed new prompts (their images through the vision encoder, once) for ``prefill_step``."""
         batch = self._collate(prompts)
         position_ids, rope_deltas = self.model.model.get_rope_index(
             batch["input_ids"],
@@ -89,21 +130,36 @@ class ModelRunner:
             video_grid_thw=batch["video_grid_thw"],
             attention_mask=batch["attention_mask"],
         )
-        cache = DynamicCache(config=self.model.config)
-        output = self.model(
-            inputs_embeds=self._embed(batch),
+        return PrefillJob(
+            embeds=self._embed(batch),
             attention_mask=batch["attention_mask"],
             position_ids=position_ids,
-            cache=cache,
+            rope_deltas=rope_deltas,
+            lengths=[p.num_tokens for p in prompts],
+            cache=DynamicCache(config=self.model.config),
+        )
+
+    @torch.inference_mode()
+    def prefill_step(self, job: PrefillJob) -> tuple[Prefilled, torch.Tensor] | None:
+        """Run the job's next chunk of columns; after the last, its rows and their last logits."""
+        start = job.done
+        end = job.columns if not self.prefill_chunk_tokens else min(job.columns, start + self.prefill_chunk_tokens)
+        output = self.model(
+            inputs_embeds=job.embeds[:, start:end],
+            attention_mask=job.attention_mask[:, :end],  # every column so far: the cache holds the rest
+            position_ids=job.position_ids[..., start:end],
+            cache=job.cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        lengths = [p.num_tokens for p in prompts]
+        job.done = end
+        if end < job.columns:
+            return None
         # A text token's position is its index among the row's real tokens plus the row's delta.
-        positions = torch.tensor(lengths, device=rope_deltas.device) + rope_deltas.view(-1)
+        positions = torch.tensor(job.lengths, device=job.rope_deltas.device) + job.rope_deltas.view(-1)
         logits = output.logits[:, -1].to(self.device)  # where sampling's generators live
         self._mask_padded_vocab(logits)
-        return Prefilled(cache, batch["attention_mask"], positions, lengths), logits
+        return Prefilled(job.cache, job.attention_mask, positions, job.lengths), logits
 
     @torch.inference_mode()
     def join(self, prefilled: Prefilled) -> None:

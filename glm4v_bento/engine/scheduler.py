@@ -2,7 +2,9 @@
 
 Continuous mode: between two decode steps, waiting requests are admitted (their prefill
 runs, images included, and their KV cache joins the running batch); finished or
-cancelled rows leave at once. Static mode admits only into an empty batch, so a batch
+cancelled rows leave at once. A long prompt's prefill runs a chunk per step, between the
+running batch's decode steps, so the batch keeps streaming meanwhile; one admitted group
+prefills at a time. Static mode admits only into an empty batch, so a batch
 runs until its longest row ends (the classic batcher, kept for comparison).
 
 Admission is first come, first served, within three bounds: rows running at once, the
@@ -22,7 +24,7 @@ from typing import Literal
 
 from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.prompt import PromptBuilder, PromptError
-from glm4v_bento.engine.runner import ModelRunner
+from glm4v_bento.engine.runner import ModelRunner, Prefilled, PrefillJob
 from glm4v_bento.engine.sampling import sample_next_tokens
 from glm4v_bento.engine.sequence import Sequence
 from glm4v_bento.engine.types import ErrorType, GenerationRequest, GenerationResult, Timings, Usage
@@ -50,6 +52,14 @@ class SchedulerLimits:
 
 
 @dataclass
+class _Prefilling:
+    """An admitted group whose prefill is under way, a chunk per step."""
+
+    rows: list[tuple[Sequence, RequestHandle]]
+    job: PrefillJob
+
+
+@dataclass
 class _Waiting:
     handle: RequestHandle
     submitted_at: float
@@ -71,6 +81,7 @@ class Scheduler:
         self.default_max_new_tokens = default_max_new_tokens
         self._waiting: deque[_Waiting] = deque()
         self._running: list[tuple[Sequence, RequestHandle]] = []
+        self._prefilling: _Prefilling | None = None
         self._by_id: dict[str, RequestHandle] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -134,7 +145,7 @@ class Scheduler:
         with self._cond:
             self._draining = True
         deadline = time.monotonic() + grace_s
-        while (self._running or self._waiting) and time.monotonic() < deadline:
+        while (self._running or self._waiting or self._prefilling) and time.monotonic() < deadline:
             time.sleep(0.02)
         self.close()
 
@@ -154,7 +165,9 @@ class Scheduler:
         try:
             while (admitted := self._admit()) is not None:
                 if admitted:
-                    self._start(admitted)
+                    self._begin_prefill(admitted)
+                if self._prefilling is not None:
+                    self._continue_prefill(self._prefilling)
                 self._drop_cancelled()
                 if self._running:
                     self._step()
@@ -175,6 +188,8 @@ class Scheduler:
                 if self._closed:
                     return None
                 self._drop_cancelled_waiting()
+                if self._prefilling is not None:  # it goes on first; the queue waits for it
+                    return []
                 room = self._rows_free()
                 if self._waiting and room > 0:
                     break
@@ -235,35 +250,64 @@ class Scheduler:
             submitted_at=entry.submitted_at,
         )
 
-    def _start(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
-        """Prefill the new rows, sample their first tokens, and join them to the running batch."""
-        try:
-            self._prefill(admitted)
-        except Exception as batch_error:
-            logger.exception("prefill of %d new requests failed", len(admitted))
-            if not self._keep_rows(list(range(len(self._running)))):  # drop them from the cache if they got in
-                self._finish_failed(admitted, batch_error)
-                return
-            if len(admitted) == 1:
-                self._finish_failed(admitted, batch_error)
-                return
-            for one in admitted:  # find the request that breaks it; the others still run
-                self._start([one])
-            return
-        self._running.extend(admitted)
-        self._prune()
-
-    def _prefill(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
-        """Prefill, join the running batch's cache, then sample the first tokens."""
+    def _begin_prefill(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
+        """Embed the new rows' prompts (images included); their prefill runs a chunk per step."""
         started = time.perf_counter()
         for seq, _ in admitted:
             seq.started_at = started
-        prefilled, logits = self.runner.prefill([seq.prompt for seq, _ in admitted])
+        try:
+            self._prefilling = _Prefilling(admitted, self.runner.begin_prefill([seq.prompt for seq, _ in admitted]))
+        except Exception as error:
+            self._prefill_failed(admitted, error)
+
+    def _continue_prefill(self, group: _Prefilling) -> None:
+        """The group's next chunk; after the last, the rows join the running batch."""
+        if all(handle.cancelled for _, handle in group.rows):  # nobody waits for the rest
+            self._prefilling = None
+            for seq, handle in group.rows:
+                seq.cancel()
+                self._deliver(seq, handle)
+            return
+        try:
+            done = self.runner.prefill_step(group.job)
+            if done is None:
+                return
+            self._prefilling = None
+            self._join(group.rows, *done)
+        except Exception as error:
+            self._prefilling = None
+            self._prefill_failed(group.rows, error)
+
+    def _start_now(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
+        """Prefill the new rows to the end at once and join them (a failed group's retries)."""
+        started = time.perf_counter()
+        for seq, _ in admitted:
+            seq.started_at = started
+        try:
+            self._join(admitted, *self.runner.prefill([seq.prompt for seq, _ in admitted]))
+        except Exception as error:
+            self._prefill_failed(admitted, error)
+
+    def _join(self, admitted: list[tuple[Sequence, RequestHandle]], prefilled: Prefilled, logits) -> None:
+        """Join the running batch's cache, then sample the first tokens."""
         self.runner.join(prefilled)
         done = time.perf_counter()
         for seq, _ in admitted:
             seq.prefill_done_at = done
         self._sample(admitted, logits)
+        self._running.extend(admitted)
+        self._prune()
+
+    def _prefill_failed(self, admitted: list[tuple[Sequence, RequestHandle]], error: Exception) -> None:
+        logger.exception("prefill of %d new requests failed", len(admitted), exc_info=error)
+        if not self._keep_rows(list(range(len(self._running)))):  # drop them from the cache if they got in
+            self._finish_failed(admitted, error)
+            return
+        if len(admitted) == 1:
+            self._finish_failed(admitted, error)
+            return
+        for one in admitted:  # find the request that breaks it; the others still run
+            self._start_now([one])
 
     def _step(self) -> None:
         try:
@@ -351,6 +395,9 @@ class Scheduler:
         """End every running row (a failed step, or shutdown) and, on shutdown, every waiting one."""
         running, self._running = self._running, []
         self.runner.clear()
+        if reason == "cancelled" and self._prefilling is not None:  # shutdown: theirs ends too
+            running += self._prefilling.rows
+            self._prefilling = None
         if reason == "error":
             self._finish_failed(running, error or RuntimeError())
             return
