@@ -8,7 +8,6 @@ by the adaptive batcher into one engine batch.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sys
 import time
 import uuid
@@ -55,7 +54,7 @@ from glm4v_bento.schemas import (
     InferenceRequest,
     InferenceResponse,
 )
-from glm4v_bento.serving import ModelHost, as_sent, now_iso
+from glm4v_bento.serving import ModelHost, as_sent, internal_id, now_iso
 from glm4v_bento.streaming import MEDIA_TYPE as STREAM_MEDIA_TYPE
 from glm4v_bento.streaming import ndjson_events
 
@@ -198,9 +197,7 @@ class GLM4V:
     async def _through_batcher(self, items: list[BatchItem], images: list[list[CheckedImage]]) -> list[BatchOutcome]:
         """Hand items to the adaptive batcher, their images (already decoded) to the host; wait
         here for their results."""
-        # Inside, each item goes by a secret id: /v1/batch/generate is open to clients, and an
-        # item there under the same id would be taken for this one.
-        secret_ids = [secrets.token_hex(16) for _ in items]
+        secret_ids = [internal_id() for _ in items]
         claims = [self.host.claim(i, imgs) for i, imgs in zip(secret_ids, images, strict=True)]
         try:
             try:

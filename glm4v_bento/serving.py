@@ -9,6 +9,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -165,9 +166,11 @@ class ModelHost:
         claim = self._claims.get(request_id)
         return claim is not None and not claim.done()
 
-    def _abandoned(self, item: BatchItem, engine_id: str) -> bool:
-        """Claimed when it arrived, but its caller has gone since (timed out, disconnected)."""
-        return engine_id == item.request_id and engine_id not in self._claims
+    def _abandoned(self, item: BatchItem) -> bool:
+        """An item from this process's own handlers (``internal_id``) whose caller does not wait
+        for it: gone since (timed out, disconnected), or never in this process. Its images stay
+        with that caller, so it must not run."""
+        return item.request_id.startswith(INTERNAL_ID_PREFIX) and item.request_id not in self._claims
 
     async def _images_of(self, item: BatchItem, engine_id: str) -> list[CheckedImage]:
         """The images left with ``claim`` by an in-process caller, then those the item carries
@@ -181,7 +184,7 @@ class ModelHost:
         outcomes: list[BatchOutcome | None] = [None] * len(items)
         requests: list[tuple[int, GenerationRequest]] = []
         for index, (item, engine_id) in enumerate(zip(items, engine_ids, strict=True)):
-            if self._abandoned(item, engine_id):
+            if self._abandoned(item):
                 outcomes[index] = BatchOutcome(request_id=item.request_id, status=503, error=_CANCELLED)
                 continue
             try:
@@ -223,7 +226,7 @@ class ModelHost:
                     # the batcher is free to pass on the next batch while this one generates.
                     self._claims[engine_ids[index]].set_result(handle)
                     outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=202)
-                elif self._abandoned(items[index], engine_ids[index]):
+                elif self._abandoned(items[index]):
                     handle.cancel()
                     outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=503, error=_CANCELLED)
                 else:
@@ -235,9 +238,9 @@ class ModelHost:
         return [o for o in outcomes if o is not None]
 
     def claim(self, request_id: str, images: list[CheckedImage] | None = None) -> asyncio.Future[RequestHandle]:
-        """Announce that this process will wait for ``request_id`` itself (see ``run_batch``),
-        and leave its images here: the batcher's item carries none. Use an id nobody outside
-        could guess, and call ``release`` when done."""
+        """Announce that this process will wait for ``request_id`` (from ``internal_id``) itself
+        (see ``run_batch``), and leave its images here: the batcher's item carries none. Call
+        ``release`` when done."""
         future: asyncio.Future[RequestHandle] = asyncio.get_running_loop().create_future()
         self._claims[request_id] = future
         self._claimed_images[request_id] = images or []
@@ -414,6 +417,14 @@ def _decode_base64(encoded_images: list[str], limits: ImageLimits) -> list[Check
 
 
 _CANCELLED = "the request was cancelled before it ran"
+INTERNAL_ID_PREFIX = "glm4v-internal-"
+
+
+def internal_id() -> str:
+    """An id for an item this process's handlers send through the batcher: nobody outside can
+    guess it (/v1/batch/generate is open to clients, and an item there under the same id would
+    be taken for this one), and its prefix tells ``run_batch`` that its images stay here."""
+    return INTERNAL_ID_PREFIX + secrets.token_hex(16)
 
 
 def as_sent(outcome: BatchOutcome, request_id: str) -> BatchOutcome:

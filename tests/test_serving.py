@@ -15,7 +15,7 @@ from glm4v_bento.images import check_image
 from glm4v_bento.model_source import ModelSource
 from glm4v_bento.result_cache import MemoryResultCache
 from glm4v_bento.schemas import BatchItem
-from glm4v_bento.serving import ModelHost, as_sent
+from glm4v_bento.serving import ModelHost, as_sent, internal_id
 
 
 def host_for(path: str, **overrides) -> ModelHost:
@@ -139,20 +139,21 @@ def test_an_in_process_caller_hands_its_decoded_images_to_the_batch(host):
     image = check_image(encode(make_image(56, 56)), host.limits)
 
     async def through_claim(images):
-        claim = host.claim("caller-secret", images)
+        secret = internal_id()
+        claim = host.claim(secret, images)
         try:
-            [outcome] = await host.run_batch([text_item("caller-secret", "describe", cache=False)])
+            [outcome] = await host.run_batch([text_item(secret, "describe", cache=False)])
             assert outcome.status == 202  # handed over: the caller waits for it itself
             final = await host.result_of(outcome, claim)
             return as_sent(final, "shown-to-client")
         finally:
-            host.release("caller-secret")
+            host.release(secret)
 
     with_image, text_only = asyncio.run(through_claim([image])), asyncio.run(through_claim([]))
     assert with_image.status == text_only.status == 200
     assert with_image.request_id == with_image.result.request_id == "shown-to-client"
     assert with_image.result.usage.prompt_tokens > text_only.result.usage.prompt_tokens  # the image's tokens
-    assert "caller-secret" not in host._claims and "caller-secret" not in host._claimed_images
+    assert not host._claims and not host._claimed_images  # released
 
 
 class CallerLeavesDuringLookup:
@@ -173,17 +174,25 @@ class CallerLeavesDuringLookup:
 
 
 def test_an_item_whose_caller_left_meanwhile_does_not_run(host):
+    gone = internal_id()
+
     async def caller_leaves_during_the_lookup():
-        host.cache = CallerLeavesDuringLookup(host, "gone", asyncio.get_running_loop())
-        host.claim("gone", [check_image(encode(make_image(40, 40)), host.limits)])
-        return await host.run_batch([text_item("gone", "describe")])
+        host.cache = CallerLeavesDuringLookup(host, gone, asyncio.get_running_loop())
+        host.claim(gone, [check_image(encode(make_image(40, 40)), host.limits)])
+        return await host.run_batch([text_item(gone, "describe")])
 
     try:
         [outcome] = asyncio.run(caller_leaves_during_the_lookup())
     finally:
         host.cache = None
     assert outcome.status == 503 and "cancelled" in outcome.error  # not run, and not without its image
-    assert "gone" not in host._cache_keys  # nothing left behind
+    assert gone not in host._cache_keys  # nothing left behind
+
+
+def test_an_item_from_a_handler_that_is_not_waiting_here_does_not_run_without_its_images(host):
+    """Its images stay with the handler that sent it: run here, it would answer a different question."""
+    [outcome] = asyncio.run(host.run_batch([text_item(internal_id(), "describe")]))
+    assert outcome.status == 503 and "cancelled" in outcome.error
 
 
 def test_client_images_are_decoded_off_the_event_loop(host, monkeypatch):
