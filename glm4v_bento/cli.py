@@ -103,7 +103,10 @@ def _demo(args: argparse.Namespace) -> int:
     env = {**os.environ, "GLM4V_MODEL": str(model_dir.resolve())}
     command = [sys.executable, "-m", "bentoml", "serve", "service:GLM4V", "--port", str(args.port)]
     server = subprocess.Popen(command, cwd=repo, env=env)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the server on SIGTERM too
+    # Ctrl-C and SIGTERM both stop the server, even where the demo was started with SIGINT
+    # ignored (a background job of a script inherits that, and Python then keeps it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         deadline = time.monotonic() + 300
         while server.poll() is None and time.monotonic() < deadline:
