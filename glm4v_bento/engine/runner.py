@@ -29,8 +29,9 @@ from glm4v_bento.engine.prompt import PreparedPrompt
 
 logger = logging.getLogger(__name__)
 
-# On CUDA, SDPA attends over a chunk and its cache with a memory-efficient kernel; on the CPU,
-# a chunk's masked attention costs more than the whole prompt's causal one (docs/benchmarks.md).
+# On CUDA, SDPA has memory-efficient kernels for a chunk's masked attention over its cache (the
+# GPU figures are still owed); on the CPU that attention costs more than the whole prompt's
+# causal one (docs/benchmarks.md), so prompts are prefilled whole there.
 AUTO_PREFILL_CHUNK_TOKENS = 2048
 
 
