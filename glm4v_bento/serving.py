@@ -376,6 +376,7 @@ class ModelHost:
             "max_context": loaded.max_context,
             "architecture": type(loaded.model).__name__,
             "decode": self.engine.runner.decode_path(),
+            "prefill": {"chunk_tokens": self.engine.runner.prefill_chunk_tokens},  # 0: whole prompts
             "model_config": {
                 "text": {
                     "num_hidden_layers": text.num_hidden_layers,

@@ -64,6 +64,7 @@ def test_health_and_info_once_loaded(host):
     assert (health.status, health.model_loaded, health.device) == ("healthy", True, "cpu")
     info = host.model_info()
     assert info["source"] == "local" and info["max_context"] == 8192
+    assert info["prefill"] == {"chunk_tokens": 0}  # the CPU prefills whole prompts
 
 
 def test_a_model_that_cannot_load_makes_the_host_unhealthy(tmp_path):
