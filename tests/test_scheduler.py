@@ -286,3 +286,27 @@ def test_prompts_are_prefilled_whole_on_the_cpu_unless_chunks_are_asked_for(engi
         assert chunked.runner.prefill_chunk_tokens == 64
     finally:
         chunked.close()
+
+
+def test_a_prompt_that_breaks_the_model_mid_prefill_fails_alone(chunked_engine, loaded_model, monkeypatch):
+    """A failure in a later chunk of a group's prefill costs only the request that causes it."""
+    chunked = chunked_engine(4)
+    poison = loaded_model.tokenizer.encode("POISON", add_special_tokens=False)
+    marker = loaded_model.model.get_input_embeddings().weight[poison[0]]
+    real_forward = loaded_model.model.forward
+    chunks_run = []
+
+    def fragile_forward(*args, **kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None:
+            chunks_run.append(embeds.shape[1])
+            if bool((embeds == marker).all(-1).any()):
+                raise RuntimeError("simulated kernel failure")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded_model.model, "forward", fragile_forward)
+    good, bad = request("fine", 5), request("a longer prompt that ends in POISON", 5)
+    results = chunked.generate([good, bad, good])
+    assert [r.finish_reason for r in results] == ["length", "error", "length"]
+    assert results[1].error_type == "internal"
+    assert len(chunks_run) > 3 and max(chunks_run) == 4  # it failed in one of several chunks

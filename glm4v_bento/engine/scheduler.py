@@ -277,6 +277,9 @@ class Scheduler:
         except Exception as error:
             self._prefilling = None
             self._prefill_failed(group.rows, error)
+            return
+        self._running.extend(group.rows)
+        self._prune()
 
     def _start_now(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
         """Prefill the new rows to the end at once and join them (a failed group's retries)."""
@@ -287,16 +290,18 @@ class Scheduler:
             self._join(admitted, *self.runner.prefill([seq.prompt for seq, _ in admitted]))
         except Exception as error:
             self._prefill_failed(admitted, error)
+            return
+        self._running.extend(admitted)
+        self._prune()
 
     def _join(self, admitted: list[tuple[Sequence, RequestHandle]], prefilled: Prefilled, logits) -> None:
-        """Join the running batch's cache, then sample the first tokens."""
+        """Join the running batch's cache, then sample the first tokens (the caller then adds
+        the rows to the running batch: a failure here leaves them out of it)."""
         self.runner.join(prefilled)
         done = time.perf_counter()
         for seq, _ in admitted:
             seq.prefill_done_at = done
         self._sample(admitted, logits)
-        self._running.extend(admitted)
-        self._prune()
 
     def _prefill_failed(self, admitted: list[tuple[Sequence, RequestHandle]], error: Exception) -> None:
         logger.exception("prefill of %d new requests failed", len(admitted), exc_info=error)
