@@ -140,8 +140,14 @@ def create_routes(
 
 
 async def _parse(request: Request) -> ChatCompletionRequest:
+    # A body with images inlined as data: URIs runs to tens of megabytes: parsed on a worker
+    # thread, so the event loop (every other request) does not wait for it.
+    return await anyio.to_thread.run_sync(_parse_body, await request.body())
+
+
+def _parse_body(body: bytes) -> ChatCompletionRequest:
     try:
-        raw = await request.json()
+        raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise OpenAIError(400, "the request body is not valid JSON") from None
     try:

@@ -119,6 +119,8 @@ def test_image_upload_bench_measures_through_the_server(tiny_model_dir, tmp_path
     assert bench.main([*args, "--output", str(output)]) == 0
     text = output.read_text()
     assert "| images/s |" in text and "| /health p99 (ms) |" in text
+    assert bench.main([*args, "--api", "openai", "--output", str(output)]) == 0
+    assert "`/v1/chat/completions`" in output.read_text()
 
 
 def test_prefill_chunk_bench_compares_whole_and_chunked(tiny_model_dir, tmp_path):
