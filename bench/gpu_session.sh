@@ -6,6 +6,10 @@
 # Writes benchmarks.md (five sections: as served, without compile, eager, before/after, prefill chunks) and a log
 # into $OUT (or bench/results/).
 # PYTHON picks the interpreter (python3); GPU_BENCH_ARGS=--tiny walks the same steps on a CPU.
+# STEPS picks some of them (default: all), to spread them over calls of limited length:
+#     STEPS="served graphs-only eager" bash bench/gpu_session.sh
+#     STEPS="before-after prefill-chunks" bash bench/gpu_session.sh
+# (each call adds its sections to the same benchmarks.md when $OUT is kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -25,15 +29,20 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/log.txt"
 report="$OUT/benchmarks.md"
 step() { echo "== $* ($(date +%T))" | tee -a "$OUT/log.txt"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
-step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report"
-step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --section gpu-bench-graphs-only --output "$report"
-step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --no-cuda-graphs --section gpu-bench-eager --output "$report"
+STEPS=${STEPS:-served graphs-only eager before-after prefill-chunks}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+want served && step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report"
+want graphs-only && step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile \
+  --section gpu-bench-graphs-only --output "$report"
+want eager && step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --no-cuda-graphs \
+  --section gpu-bench-eager --output "$report"
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then
+if want before-after && [ -d "$base" ]; then
   step "$PYTHON" bench/compare_revisions.py --base-tree "$base" --rounds 1 --section gpu-before-after \
     --output "$report" -- bench/gpu_bench.py "${extra[@]}"
 fi
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then chunk_model=(--architecture tiny --device cpu --prompt-words 100)
 else chunk_model=(--architecture glm4.1v-9b --device cuda); fi
-step "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 --repeats 2 --output "$report"
+want prefill-chunks && step "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
+  --repeats 2 --output "$report"
 echo "done: copy the sections of $report into docs/benchmarks.md" | tee -a "$OUT/log.txt"

@@ -103,6 +103,17 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
 
 
+def test_gpu_session_script_runs_only_the_steps_asked_for(tmp_path):
+    """A lent machine's call has a time limit: the steps can be spread over several calls."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
+    env["STEPS"] = "eager"
+    done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- gpu-bench-eager:start -->" in report
+    assert "<!-- gpu-bench:start -->" not in report and "prefill-chunks" not in report
+
+
 def test_decode_step_bench_runs_eager_and_compiled(tiny_model_dir, tmp_path):
     bench = _load("decode_step_bench")
     output = tmp_path / "benchmarks.md"
