@@ -33,7 +33,7 @@ from glm4v_bento.engine import (
 )
 from glm4v_bento.http_limits import openai_error_type
 from glm4v_bento.image_urls import ImageURLError, URLPolicy, image_bytes
-from glm4v_bento.images import ImageError, load_image
+from glm4v_bento.images import CheckedImage, ImageError, check_image
 from glm4v_bento.openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -183,8 +183,8 @@ async def _to_generation_request(
         images = await _images(message, index, host, policy)
         if images and message.role == "assistant":
             raise OpenAIError(400, "assistant messages cannot carry images", f"messages.{index}.content")
-        history.append(Turn(message.role, _text(message), [image for _, image in images]))
-        raw_history.append((message.role, _text(message), [data for data, _ in images]))
+        history.append(Turn(message.role, _text(message), [i.image for i in images]))
+        raw_history.append((message.role, _text(message), [i.data for i in images]))
     last_index, last = turns[-1]
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     try:
@@ -204,13 +204,13 @@ async def _to_generation_request(
     images = await _images(last, last_index, host, policy)
     request = GenerationRequest(
         prompt=_text(last),
-        images=[image for _, image in images],
+        images=[i.image for i in images],
         system=system,
         history=history,
         params=params,
         request_id=request_id,
     )
-    return _Prepared(request, [data for data, _ in images], raw_history)
+    return _Prepared(request, [i.data for i in images], raw_history)
 
 
 def _text(message: Message) -> str:
@@ -219,8 +219,8 @@ def _text(message: Message) -> str:
     return "\n".join(part.text for part in message.content if not isinstance(part, ImagePart))
 
 
-async def _images(message: Message, index: int, host: ModelHost, policy: URLPolicy) -> list[tuple[bytes, Any]]:
-    """The message's images as (bytes, decoded image) pairs."""
+async def _images(message: Message, index: int, host: ModelHost, policy: URLPolicy) -> list[CheckedImage]:
+    """The message's images, as sent and decoded."""
     if not isinstance(message.content, list):
         return []
     images = []
@@ -230,7 +230,7 @@ async def _images(message: Message, index: int, host: ModelHost, policy: URLPoli
         param = f"messages.{index}.content.{number}.image_url"
         try:
             data = await image_bytes(part.image_url.url, policy)
-            images.append((data, await anyio.to_thread.run_sync(load_image, data, host.limits)))
+            images.append(await anyio.to_thread.run_sync(check_image, data, host.limits))
         except ImageURLError as exc:
             raise OpenAIError(400, str(exc), param, "invalid_image_url") from None
         except ImageError as exc:
