@@ -283,16 +283,9 @@ class Scheduler:
 
     def _start_now(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:
         """Prefill the new rows to the end at once and join them (a failed group's retries)."""
-        started = time.perf_counter()
-        for seq, _ in admitted:
-            seq.started_at = started
-        try:
-            self._join(admitted, *self.runner.prefill([seq.prompt for seq, _ in admitted]))
-        except Exception as error:
-            self._prefill_failed(admitted, error)
-            return
-        self._running.extend(admitted)
-        self._prune()
+        self._begin_prefill(admitted)
+        while self._prefilling is not None:
+            self._continue_prefill(self._prefilling)
 
     def _join(self, admitted: list[tuple[Sequence, RequestHandle]], prefilled: Prefilled, logits) -> None:
         """Join the running batch's cache, then sample the first tokens (the caller then adds
