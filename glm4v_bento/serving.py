@@ -157,10 +157,10 @@ class ModelHost:
                     self.release(engine_id)
 
     def _engine_id(self, client_id: str) -> str:
-        """The id an item runs under. An in-process caller's id (claimed) is unique already; any
-        other was chosen by a client, who may reuse it (two scripts both counting from 0), so it
-        runs under an id of its own and only the outcome carries the client's."""
-        return client_id if self._claimed(client_id) else f"{client_id}@{uuid.uuid4().hex[:12]}"
+        """The id an item runs under. One from this process's handlers (``internal_id``) is unique
+        already; any other was chosen by a client, who may reuse it (two scripts both counting
+        from 0), so it runs under an id of its own and only the outcome carries the client's."""
+        return client_id if client_id.startswith(INTERNAL_ID_PREFIX) else f"{client_id}@{uuid.uuid4().hex[:12]}"
 
     def _claimed(self, request_id: str) -> bool:
         claim = self._claims.get(request_id)
@@ -175,7 +175,7 @@ class ModelHost:
     async def _images_of(self, item: BatchItem, engine_id: str) -> list[CheckedImage]:
         """The images left with ``claim`` by an in-process caller, then those the item carries
         (a client's, base64), decoded off the event loop."""
-        claimed = self._claimed_images.get(engine_id, []) if engine_id == item.request_id else []
+        claimed = self._claimed_images.get(engine_id, [])  # a client's item runs under a new id: none
         if not item.images_b64:
             return claimed
         return claimed + await anyio.to_thread.run_sync(_decode_base64, item.images_b64, self.limits)
