@@ -24,7 +24,7 @@ help:
 	@echo "make bench      engine, scheduler, service, decode-step, upload and prefill-chunk benchmarks on the tiny model -> docs/benchmarks.md"
 	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
 	@echo "make gpu-bench  on a CUDA host: the real architecture, random bf16 weights -> docs/benchmarks.md"
-	@echo "make gpu-compare  on a CUDA host: CUDA graphs on/off, and the engine before the GPU work vs now"
+	@echo "make gpu-compare  on a CUDA host: the engine before the GPU work vs now, prefill chunks, eager, no compile"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"
 

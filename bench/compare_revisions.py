@@ -8,13 +8,18 @@ the row label (batch size, sequences...) and its figure (tokens/s...). Medians o
 
     python bench/compare_revisions.py --base 904f9a2 --output docs/benchmarks.md \\
         -- bench/engine_bench.py --model .models/tiny
-    python bench/compare_revisions.py --base 904f9a2 --section gpu-before-after -- bench/gpu_bench.py
+    python bench/compare_revisions.py --base 904f9a2 --section gpu-before-after --keep-after -- bench/gpu_bench.py
+
+--keep-after also writes the newer side's own section (its full table, as the script printed it)
+into the output: one run then gives both the comparison and the headline figures. The newer side
+runs first in each round, so its section is written even if the older code then fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,21 +30,28 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine_name, publish
+from report import machine_name, publish, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_side(tree: Path, command: list[str]) -> tuple[list[str], dict[str, float]]:
-    """Run the benchmark script from ``tree`` (its package first on the path) -> (header, label -> figure)."""
+def run_side(tree: Path, command: list[str]) -> str:
+    """Run the benchmark script from ``tree`` (its package first on the path) -> what it printed."""
     script, *args = command
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+    # stderr (progress, warnings) goes straight through: a long GPU run shows where it is.
     done = subprocess.run(
-        [sys.executable, str(tree / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+        [sys.executable, str(tree / script), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False
     )
     if done.returncode != 0:
-        raise SystemExit(f"{script} failed in {tree}:\n{done.stderr[-3000:]}")
-    return parse_table(done.stdout)
+        raise SystemExit(f"{script} failed in {tree} (exit status {done.returncode}; its errors are above)")
+    return done.stdout
+
+
+def own_sections(output: str) -> dict[str, str]:
+    """The marked sections a benchmark printed, by name."""
+    found = re.finditer(r"<!-- (?P<name>[\w-]+):start -->.*?<!-- (?P=name):end -->\n?", output, re.S)
+    return {match["name"]: match[0] for match in found}
 
 
 def parse_table(output: str) -> tuple[list[str], dict[str, float]]:
@@ -88,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default="cpu-before-after", help="name of the section in the output file")
     parser.add_argument("--output", type=Path, help="Markdown file to write the table into")
     parser.add_argument(
+        "--keep-after", action="store_true", help="also write the newer side's own section(s) into --output"
+    )
+    parser.add_argument(
         "command", nargs=argparse.REMAINDER, help="benchmark script (from the repo root) and its arguments"
     )
     args = parser.parse_args(argv)
@@ -100,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     after: dict[str, list[float]] = {}
     with base_tree(args) as (tree, base_label):
         for round_number in range(1, args.rounds + 1):
-            for label, side, results in ((base_label, tree, before), (current, ROOT, after)):
+            for label, side, results in ((current, ROOT, after), (base_label, tree, before)):
                 print(f"# round {round_number}/{args.rounds}: {label} ...", file=sys.stderr, flush=True)
-                header, rows = run_side(side, args.command)
+                printed = run_side(side, args.command)
+                if side is ROOT and args.keep_after and args.output:
+                    for name, section in own_sections(printed).items():
+                        write_section(args.output, section, name)
+                header, rows = parse_table(printed)
                 for key, value in rows.items():
                     results.setdefault(key, []).append(value)
 

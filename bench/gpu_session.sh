@@ -3,13 +3,18 @@
 # python3 has torch. Prepare here first with `make gpu-kit` (wheels the machine lacks in .whl/,
 # the engine before the GPU work in .base/), then run, carrying .whl and .base:
 #     bash bench/gpu_session.sh
-# Writes benchmarks.md (five sections: as served, without compile, eager, before/after, prefill chunks) and a log
-# into $OUT (or bench/results/).
-# PYTHON picks the interpreter (python3); GPU_BENCH_ARGS=--tiny walks the same steps on a CPU.
-# STEPS picks some of them (default: all), to spread them over calls of limited length:
-#     STEPS="served graphs-only eager" bash bench/gpu_session.sh
+# Writes benchmarks.md and a log into $OUT (or bench/results/). The steps, most wanted first,
+# each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
+#   before-after    the engine before the GPU work vs now, and now's own table (gpu-bench: as served)
+#   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
+#   eager           no compile, no CUDA graphs (gpu-bench-eager)
+#   graphs-only     CUDA graphs without compile (gpu-bench-graphs-only)
+#   served          now's table alone (only needed where there is no .base to compare with)
+# STEPS picks some of them, to spread them over calls of limited length:
 #     STEPS="before-after prefill-chunks" bash bench/gpu_session.sh
-# (each call adds its sections to the same benchmarks.md when $OUT is kept).
+#     STEPS="eager graphs-only" bash bench/gpu_session.sh
+# A step that fails is logged and the next one runs; the exit status says whether any failed.
+# PYTHON picks the interpreter (python3); GPU_BENCH_ARGS=--tiny walks the same steps on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -28,21 +33,38 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } | tee "$OUT/log.txt"
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/log.txt"
 report="$OUT/benchmarks.md"
-step() { echo "== $* ($(date +%T))" | tee -a "$OUT/log.txt"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
-STEPS=${STEPS:-served graphs-only eager before-after prefill-chunks}
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-want served && step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report"
-want graphs-only && step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile \
-  --section gpu-bench-graphs-only --output "$report"
-want eager && step "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --no-cuda-graphs \
-  --section gpu-bench-eager --output "$report"
+failed=()
+step() {  # run one step, logged; a failure is noted and the session goes on
+  local name=$1; shift
+  echo "== $name: $* ($(date +%T))" | tee -a "$OUT/log.txt"
+  if ! "$@" 2>&1 | tee -a "$OUT/log.txt"; then
+    echo "== $name FAILED ($(date +%T))" | tee -a "$OUT/log.txt"
+    failed+=("$name")
+  fi
+}
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if want before-after && [ -d "$base" ]; then
-  step "$PYTHON" bench/compare_revisions.py --base-tree "$base" --rounds 1 --section gpu-before-after \
-    --output "$report" -- bench/gpu_bench.py "${extra[@]}"
-fi
+if [ -d "$base" ]; then default_steps="before-after prefill-chunks eager graphs-only"
+else default_steps="served prefill-chunks eager graphs-only"; fi
+STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then chunk_model=(--architecture tiny --device cpu --prompt-words 100)
 else chunk_model=(--architecture glm4.1v-9b --device cuda); fi
-want prefill-chunks && step "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
-  --repeats 2 --output "$report"
+for name in $STEPS; do
+  case $name in
+    before-after)
+      if [ -d "$base" ]; then
+        step "$name" "$PYTHON" bench/compare_revisions.py --base-tree "$base" --rounds 1 --section gpu-before-after \
+          --keep-after --output "$report" -- bench/gpu_bench.py "${extra[@]}"
+      else echo "== $name skipped: no $base (make gpu-kit)" | tee -a "$OUT/log.txt"; failed+=("$name"); fi ;;
+    prefill-chunks) step "$name" "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
+      --repeats 2 --output "$report" ;;
+    eager) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --no-cuda-graphs \
+      --section gpu-bench-eager --output "$report" ;;
+    graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile \
+      --section gpu-bench-graphs-only --output "$report" ;;
+    served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
+    *) echo "== unknown step $name (known: before-after prefill-chunks eager graphs-only served)" \
+      | tee -a "$OUT/log.txt"; failed+=("$name") ;;
+  esac
+done
 echo "done: copy the sections of $report into docs/benchmarks.md" | tee -a "$OUT/log.txt"
+if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}" | tee -a "$OUT/log.txt"; exit 1; fi

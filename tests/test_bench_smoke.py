@@ -82,12 +82,16 @@ def test_compare_revisions_runs_a_benchmark_on_both_sides(tiny_model_dir, tmp_pa
         base_args = ["--base-tree", str(folder)]
     command = ["bench/engine_bench.py", "--model", str(tiny_model_dir), "--batch-sizes", "1", "2"]
     command += ["--max-new-tokens", "3", "--repeats", "1"]
-    assert bench.main([*base_args, "--rounds", "1", "--output", str(output), *command]) == 0
-    rows = [line for line in output.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert bench.main([*base_args, "--rounds", "1", "--keep-after", "--output", str(output), *command]) == 0
+    report = output.read_text()
+    comparison = report[report.index("<!-- cpu-before-after:start -->") : report.index("<!-- cpu-before-after:end -->")]
+    rows = [line for line in comparison.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
     assert len(rows) == 2
     for row in rows:
         before, after = (float(cell) for cell in row.strip("|").split("|")[1:3])
         assert before > 0 and after > 0
+    # --keep-after: the newer side's own table is kept too, under its own section name
+    assert "<!-- engine-throughput:start -->" in report
 
 
 def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
@@ -101,6 +105,30 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
+
+
+def test_gpu_session_compares_with_the_base_tree_and_keeps_the_current_table(tmp_path):
+    """The default session on a lent machine: before/after gives the headline table as well."""
+    base = tmp_path / "base"
+    base.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD", "glm4v_bento", "bench"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
+    env.update(BASE_TREE=str(base), STEPS="before-after")
+    done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- gpu-before-after:start -->" in report
+    assert "<!-- gpu-bench:start -->" in report and "of bound" in report
+
+
+def test_gpu_session_goes_on_past_a_failed_step_and_says_so(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
+    env.update(BASE_TREE=str(tmp_path / "none"), STEPS="before-after eager")
+    done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert "<!-- gpu-bench-eager:start -->" in (tmp_path / "benchmarks.md").read_text()
+    assert "failed: before-after" in (tmp_path / "log.txt").read_text()
 
 
 def test_gpu_session_script_runs_only_the_steps_asked_for(tmp_path):
