@@ -30,7 +30,8 @@ SECTION = "engine-throughput"
 
 
 def make_requests(batch_size: int, max_new_tokens: int) -> list[GenerationRequest]:
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    # Greedy whatever the checkpoint recommends: the same work on every revision compared.
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.0)
     return [
         GenerationRequest(
             prompt=f"Describe image number {i} in detail.",

@@ -116,7 +116,7 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
 
 def request(prompt_words: int, tokens: int, image: Image.Image | None) -> GenerationRequest:
     prompt = " ".join(["describe"] * prompt_words)
-    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=0.0)
     return GenerationRequest(prompt, images=[image] if image else [], params=params)
 
 

@@ -29,7 +29,7 @@ SECTION = "prefill-chunks"
 
 
 def _request(prompt: str, tokens: int) -> GenerationRequest:
-    return GenerationRequest(prompt, params=SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+    return GenerationRequest(prompt, params=SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=0.0))
 
 
 def measure(engine: Engine, args: argparse.Namespace) -> tuple[float, float, int]:

@@ -30,7 +30,9 @@ SECTION = "scheduler-latency"
 
 def _request(prompt: str, tokens: int) -> GenerationRequest:
     image = Image.new("RGB", (56, 56), (120, 60, 200))
-    return GenerationRequest(prompt, images=[image], params=SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+    return GenerationRequest(
+        prompt, images=[image], params=SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=0.0)
+    )
 
 
 def run(engine: Engine, args: argparse.Namespace) -> dict:

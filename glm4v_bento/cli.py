@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", action="append", default=[], help="image file; repeat for several")
     gen.add_argument("--prompt", default="描述这张图片", help="text prompt")
     gen.add_argument("--max-new-tokens", type=int, default=None)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--temperature", type=float, default=None, help="0: greedy (default: the model's)")
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=_generate)
     return parser

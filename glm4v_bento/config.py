@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(
         8192, ge=1, description="max_new_tokens when a request names none (thinking is long)."
     )
+    sampling_defaults: Literal["model", "greedy"] = Field(
+        "model",
+        description="What a request's unset temperature, top_p, top_k and repetition_penalty become. model: the "
+        "checkpoint's generation_config, as model.generate() would use it (greedy where it does not sample). "
+        "greedy: greedy decoding with no penalty, whatever the checkpoint says.",
+    )
     max_images_per_request: int = Field(8, ge=1, description="Images one request may carry.")
 
     # --- serving (BentoML service)

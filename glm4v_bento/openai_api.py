@@ -190,10 +190,10 @@ async def _to_generation_request(
     try:
         params = SamplingParams(
             max_new_tokens=body.max_completion_tokens or body.max_tokens,
-            temperature=body.temperature or 0.0,
-            top_p=body.top_p or 1.0,
-            top_k=body.top_k or 0,
-            repetition_penalty=body.repetition_penalty or 1.0,
+            temperature=body.temperature,  # None: the model's default
+            top_p=body.top_p,
+            top_k=body.top_k,
+            repetition_penalty=body.repetition_penalty,
             seed=body.seed,
             stop=stop,
             ignore_eos=body.ignore_eos,

@@ -48,7 +48,9 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 0 (greedy).")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="0: greedy. Default: the model's (GLM4V_SAMPLING_DEFAULTS)."
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

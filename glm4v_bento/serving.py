@@ -283,7 +283,11 @@ class ModelHost:
     ) -> GenerationResult | None:
         """A stored answer to exactly this request, if caching applies and there is one. On a
         miss the request is remembered, and ``completed`` stores its answer."""
-        if self.cache is None or not use_cache or not is_deterministic(params):
+        if self.cache is None or not use_cache or self.engine is None:
+            return None
+        # As the engine will run it: whether it is deterministic, and its key, depend on the defaults.
+        params = params.with_defaults(self.engine.sampling_defaults)
+        if not is_deterministic(params):
             return None
         key = cache_key(
             model=self.source.ref,
@@ -377,6 +381,8 @@ class ModelHost:
             "architecture": type(loaded.model).__name__,
             "decode": self.engine.runner.decode_path(),
             "prefill": {"chunk_tokens": self.engine.runner.prefill_chunk_tokens},  # 0: whole prompts
+            # what a request's unset sampling fields become (GLM4V_SAMPLING_DEFAULTS)
+            "sampling_defaults": self.engine.sampling_defaults.model_dump(),
             "model_config": {
                 "text": {
                     "num_hidden_layers": text.num_hidden_layers,

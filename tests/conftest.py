@@ -34,6 +34,17 @@ def engine(loaded_model):
     eng.close()
 
 
+def host_for(path: str, **overrides):
+    """A ModelHost (what the service holds) for the model at ``path``, on the CPU; it starts loading."""
+    from glm4v_bento.config import Settings
+    from glm4v_bento.model_source import ModelSource
+    from glm4v_bento.serving import ModelHost
+
+    settings = Settings(model=path, device="cpu", warmup_tokens=2, **overrides)
+    source = ModelSource.from_settings(settings)
+    return ModelHost(settings, source, resolve_path=lambda: source.local_path(None))
+
+
 def make_image(width: int, height: int, color=(200, 30, 30), mode: str = "RGB") -> Image.Image:
     """A picture with some structure, so different images give different features."""
     image = Image.new("RGB", (width, height), color)

@@ -11,7 +11,7 @@ from glm4v_bento.engine import GenerationRequest, SamplingParams, Turn
 
 
 def greedy(max_new_tokens: int, **extra) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **extra)
+    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **{"temperature": 0.0, **extra})
 
 
 def mixed_requests() -> list[GenerationRequest]:

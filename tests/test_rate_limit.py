@@ -37,9 +37,12 @@ def test_generated_tokens_are_charged_after_the_fact(buckets):
 
 def test_buckets_refill(buckets):
     limiter = RateLimiter(buckets, requests_per_minute=600, tokens_per_minute=None)  # 10 per second
-    for _ in range(600):
-        limiter.admit("dave")
-    assert not limiter.admit("dave")[0].allowed
+    # Drain the bucket until refused (it refills while the 600 calls run: by how much depends on
+    # the machine's speed, so no fixed count is right).
+    admitted = 0
+    while limiter.admit("dave")[0].allowed and admitted < 2000:
+        admitted += 1
+    assert 600 <= admitted < 2000
     time.sleep(0.25)
     assert limiter.admit("dave")[0].allowed
 

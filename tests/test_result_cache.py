@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from glm4v_bento.engine import GenerationResult, SamplingParams, Timings, Usage
+import pytest
+
+from glm4v_bento.engine import GenerationResult, SamplingDefaults, SamplingParams, Timings, Usage
 from glm4v_bento.result_cache import MemoryResultCache, RedisResultCache, cache_key, is_deterministic
 
 
@@ -31,9 +33,17 @@ def key(**overrides) -> str:
 
 
 def test_only_deterministic_requests_are_cacheable():
-    assert is_deterministic(SamplingParams())
+    assert is_deterministic(SamplingParams(temperature=0))
     assert is_deterministic(SamplingParams(temperature=0.7, seed=1))
     assert not is_deterministic(SamplingParams(temperature=0.7))
+
+
+def test_whether_a_request_is_deterministic_depends_on_the_models_defaults():
+    unset = SamplingParams(max_new_tokens=8)
+    assert is_deterministic(unset.with_defaults(SamplingDefaults()))
+    assert not is_deterministic(unset.with_defaults(SamplingDefaults(temperature=0.8)))
+    with pytest.raises(ValueError, match="defaults"):  # never guessed before they are applied
+        is_deterministic(unset)
 
 
 def test_the_key_covers_every_input_that_changes_the_output():

@@ -7,21 +7,13 @@ import base64
 import threading
 
 import pytest
-from conftest import encode, make_image
+from conftest import encode, host_for, make_image
 
-from glm4v_bento.config import Settings
 from glm4v_bento.engine import SamplingParams
 from glm4v_bento.images import check_image
-from glm4v_bento.model_source import ModelSource
 from glm4v_bento.result_cache import MemoryResultCache
 from glm4v_bento.schemas import BatchItem
 from glm4v_bento.serving import ModelHost, as_sent, internal_id
-
-
-def host_for(path: str, **overrides) -> ModelHost:
-    settings = Settings(model=path, device="cpu", warmup_tokens=2, **overrides)
-    source = ModelSource.from_settings(settings)
-    return ModelHost(settings, source, resolve_path=lambda: source.local_path(None))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from glm4v_bento.engine.scheduler import EngineClosedError, QueueFullError, Sche
 from glm4v_bento.engine.types import (
     GenerationRequest,
     GenerationResult,
+    SamplingDefaults,
     SamplingParams,
     Timings,
     Turn,
@@ -29,6 +30,7 @@ __all__ = [
     "PromptError",
     "QueueFullError",
     "RequestHandle",
+    "SamplingDefaults",
     "SamplingParams",
     "SchedulerLimits",
     "StreamEvent",

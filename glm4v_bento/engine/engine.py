@@ -15,7 +15,7 @@ from glm4v_bento.engine.loader import LoadedModel, load_model
 from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
 from glm4v_bento.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits
-from glm4v_bento.engine.types import GenerationRequest, GenerationResult
+from glm4v_bento.engine.types import GenerationRequest, GenerationResult, SamplingDefaults
 
 
 class Engine:
@@ -29,9 +29,12 @@ class Engine:
         cuda_graphs: bool = True,
         compile_decode: bool | None = None,
         prefill_chunk_tokens: int | None = None,
+        sampling_defaults: SamplingDefaults | None = None,
     ) -> None:
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
+        # Unset sampling fields of every request: the model's recommendation unless overridden.
+        self.sampling_defaults = sampling_defaults or loaded.sampling_defaults
         self.prompts = PromptBuilder(loaded.processor, max_images=max_images)
         limits = limits or SchedulerLimits()
         self.runner = ModelRunner(
@@ -46,6 +49,7 @@ class Engine:
             self.prompts,
             limits,
             default_max_new_tokens=default_max_new_tokens,
+            sampling_defaults=self.sampling_defaults,
         )
 
     @classmethod
@@ -75,6 +79,7 @@ class Engine:
             cuda_graphs=settings.cuda_graphs,
             compile_decode=settings.compile_decode,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            sampling_defaults=SamplingDefaults() if settings.sampling_defaults == "greedy" else None,
         )
 
     def submit(self, request: GenerationRequest, *, stream: bool = False) -> RequestHandle:

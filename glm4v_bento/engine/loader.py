@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from glm4v_bento.engine.types import SamplingDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     max_context: int
     load_seconds: float
+    # What unset sampling fields become: the checkpoint's generation_config (greedy without one).
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     @property
     def tokenizer(self) -> Any:
@@ -123,9 +127,25 @@ def load_model(
         eos_token_ids=eos_ids,
         max_context=int(text_config.max_position_embeddings),
         load_seconds=time.perf_counter() - started,
+        sampling_defaults=sampling_defaults(generation_config),
     )
     logger.info("loaded %s in %.1f s (%s parameters)", source, loaded.load_seconds, f"{loaded.parameter_count:,}")
+    logger.info("sampling defaults from its generation_config: %s", loaded.sampling_defaults.model_dump())
     return loaded
+
+
+def sampling_defaults(generation_config: Any) -> SamplingDefaults:
+    """The sampling a checkpoint recommends, as ``model.generate()`` would apply it: sampled
+    only where it sets ``do_sample``, with the values it gives; what it leaves out is neutral
+    (temperature 1, no top-p, no top-k), not transformers' implicit top-k of 50. The repetition
+    penalty applies to greedy decoding too."""
+    given = {
+        name: getattr(generation_config, name, None) for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if not getattr(generation_config, "do_sample", None):
+        return SamplingDefaults(repetition_penalty=given.get("repetition_penalty", 1.0))
+    return SamplingDefaults(**{"temperature": 1.0, **given})
 
 
 def _memory_map(max_memory: dict[str, str] | None) -> dict[int | str, str] | None:

@@ -27,7 +27,14 @@ from glm4v_bento.engine.prompt import PromptBuilder, PromptError
 from glm4v_bento.engine.runner import ModelRunner, Prefilled, PrefillJob
 from glm4v_bento.engine.sampling import sample_next_tokens
 from glm4v_bento.engine.sequence import Sequence
-from glm4v_bento.engine.types import ErrorType, GenerationRequest, GenerationResult, Timings, Usage
+from glm4v_bento.engine.types import (
+    ErrorType,
+    GenerationRequest,
+    GenerationResult,
+    SamplingDefaults,
+    Timings,
+    Usage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +81,13 @@ class Scheduler:
         limits: SchedulerLimits,
         *,
         default_max_new_tokens: int,
+        sampling_defaults: SamplingDefaults | None = None,
     ) -> None:
         self.runner = runner
         self.prompts = prompts
         self.limits = limits
         self.default_max_new_tokens = default_max_new_tokens
+        self.sampling_defaults = sampling_defaults or SamplingDefaults()
         self._waiting: deque[_Waiting] = deque()
         self._running: list[tuple[Sequence, RequestHandle]] = []
         self._prefilling: _Prefilling | None = None
@@ -248,6 +257,7 @@ class Scheduler:
             eos_token_ids=loaded.eos_token_ids,
             device=loaded.device,
             submitted_at=entry.submitted_at,
+            sampling_defaults=self.sampling_defaults,
         )
 
     def _begin_prefill(self, admitted: list[tuple[Sequence, RequestHandle]]) -> None:

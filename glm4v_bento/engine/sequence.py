@@ -11,7 +11,14 @@ import torch
 
 from glm4v_bento.engine.parser import parse_output
 from glm4v_bento.engine.prompt import PreparedPrompt
-from glm4v_bento.engine.types import FinishReason, GenerationRequest, GenerationResult, Timings, Usage
+from glm4v_bento.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingDefaults,
+    Timings,
+    Usage,
+)
 
 
 class IncrementalDetokenizer:
@@ -65,9 +72,10 @@ class Sequence:
         eos_token_ids: frozenset[int],
         device: torch.device,
         submitted_at: float,
+        sampling_defaults: SamplingDefaults | None = None,
     ) -> None:
         self.request = request
-        self.params = request.params
+        self.params = request.params.with_defaults(sampling_defaults or SamplingDefaults())
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = eos_token_ids

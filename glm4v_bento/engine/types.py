@@ -14,26 +14,43 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 ErrorType = Literal["invalid_request", "internal"]
 
 
+class SamplingDefaults(BaseModel):
+    """What a request's unset sampling fields become: the model's own recommendation (its
+    generation_config), or greedy decoding where it has none."""
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float = Field(0.0, description="0: greedy.")
+    top_p: float = 1.0
+    top_k: int = Field(0, description="0: no top-k.")
+    repetition_penalty: float = 1.0
+
+
 class SamplingParams(BaseModel):
-    """How to pick tokens. ``temperature == 0`` means greedy decoding."""
+    """How to pick tokens. ``temperature == 0`` means greedy decoding. A sampling field left
+    unset (None) takes the model's default (``SamplingDefaults``) when the request runs."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int | None = Field(
         None, ge=1, description="Tokens to generate at most; default: the server's, within the context."
     )
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    temperature: float | None = Field(
+        None, ge=0.0, le=100.0, description="0 is greedy; default: the model's (greedy unless its config samples)."
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default: the model's (1.0 unless it says).")
+    top_k: int | None = Field(None, ge=0, description="0 disables top-k; default: the model's (0 unless it says).")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="Default: the model's (1.0, none, unless it says)."
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
     stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (not returned).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (for benchmarks).")
 
     @field_validator("temperature", "top_p", "repetition_penalty")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
@@ -46,8 +63,15 @@ class SamplingParams(BaseModel):
             raise ValueError("stop strings are at most 256 characters")
         return value
 
+    def with_defaults(self, defaults: SamplingDefaults) -> SamplingParams:
+        """These parameters with every unset sampling field taken from ``defaults``."""
+        unset = {name: value for name, value in defaults.model_dump().items() if getattr(self, name) is None}
+        return self.model_copy(update=unset) if unset else self
+
     @property
     def greedy(self) -> bool:
+        if self.temperature is None:  # asking before the defaults are applied would guess wrong
+            raise ValueError("temperature is unset: apply the model's defaults first (with_defaults)")
         return self.temperature == 0.0
 
 

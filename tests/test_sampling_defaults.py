@@ -1,0 +1,113 @@
+"""Sampling defaults: a request's unset sampling fields take the checkpoint's recommendation
+(its generation_config), the way ``model.generate()`` would; GLM4V_SAMPLING_DEFAULTS=greedy
+overrides it. Checked from the config file to the engine's tokens and the result cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+from conftest import host_for
+from transformers import GenerationConfig
+
+from glm4v_bento.engine import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingDefaults,
+    SamplingParams,
+    load_model,
+)
+from glm4v_bento.engine.loader import sampling_defaults
+from glm4v_bento.result_cache import MemoryResultCache
+from glm4v_bento.schemas import BatchItem
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({}, SamplingDefaults()),
+        ({"temperature": 0.7, "top_p": 0.9}, SamplingDefaults()),  # values without do_sample: greedy, as generate()
+        ({"repetition_penalty": 1.1}, SamplingDefaults(repetition_penalty=1.1)),  # applies to greedy too
+        ({"do_sample": True}, SamplingDefaults(temperature=1.0)),  # no implicit top-k of 50
+        (
+            {"do_sample": True, "temperature": 0.8, "top_p": 0.6, "top_k": 2, "repetition_penalty": 1.05},
+            SamplingDefaults(temperature=0.8, top_p=0.6, top_k=2, repetition_penalty=1.05),
+        ),
+    ],
+)
+def test_defaults_follow_what_the_generation_config_says(config, expected):
+    assert sampling_defaults(GenerationConfig(**config)) == expected
+
+
+def test_unset_fields_take_the_defaults_and_set_ones_win():
+    defaults = SamplingDefaults(temperature=0.8, top_k=2)
+    resolved = SamplingParams(top_p=0.5).with_defaults(defaults)
+    assert (resolved.temperature, resolved.top_p, resolved.top_k, resolved.repetition_penalty) == (0.8, 0.5, 2, 1.0)
+    assert SamplingParams(temperature=0).with_defaults(defaults).greedy  # asking for greedy gets greedy
+
+
+@pytest.fixture(scope="module")
+def sampling_checkpoint(tiny_model_dir, tmp_path_factory):
+    """The tiny model, with a generation_config that samples (as a chat checkpoint's may)."""
+    path = tmp_path_factory.mktemp("sampling") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    config_file = path / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(do_sample=True, temperature=0.8, top_k=5)
+    config_file.write_text(json.dumps(config))
+    return path
+
+
+def test_the_loader_reads_the_checkpoints_defaults(sampling_checkpoint, loaded_model):
+    assert load_model(str(sampling_checkpoint), device="cpu").sampling_defaults == SamplingDefaults(
+        temperature=0.8, top_k=5
+    )
+    assert loaded_model.sampling_defaults == SamplingDefaults()  # the tiny demo model's config does not sample
+
+
+def test_the_engine_samples_unset_fields_with_the_defaults(loaded_model):
+    def text(engine: Engine, **params) -> str:
+        request = GenerationRequest("roll", params=SamplingParams(max_new_tokens=16, ignore_eos=True, **params))
+        return engine.generate([request])[0].text
+
+    hot = Engine(loaded_model, sampling_defaults=SamplingDefaults(temperature=5.0))
+    try:
+        unset = text(hot, seed=1)
+        assert unset == text(hot, seed=1, temperature=5.0)  # the default is what ran
+        greedy = text(hot, temperature=0.0)
+    finally:
+        hot.close()
+    plain = Engine(loaded_model)
+    try:
+        assert text(plain) == greedy  # explicit greedy on one, the model's greedy default on the other
+    finally:
+        plain.close()
+    assert unset != greedy  # 16 draws at temperature 5 all matching the argmax: not a real chance
+
+
+def _ask(host, request_id: str, **params) -> GenerationResult:
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True, **params)
+    [outcome] = asyncio.run(host.run_batch([BatchItem(request_id=request_id, prompt="same question", params=params)]))
+    assert outcome.status == 200, outcome.error
+    return outcome.result
+
+
+@pytest.mark.parametrize("setting", ["model", "greedy"])
+def test_info_and_result_cache_follow_the_defaults_in_effect(sampling_checkpoint, setting):
+    host = host_for(str(sampling_checkpoint), sampling_defaults=setting)
+    try:
+        assert host.wait_ready(60), host.error
+        host.cache = MemoryResultCache(10_000_000)
+        samples = setting == "model"
+        expected = SamplingDefaults(temperature=0.8, top_k=5) if samples else SamplingDefaults()
+        assert host.model_info()["sampling_defaults"] == expected.model_dump()
+        _ask(host, "a")
+        # Sampled by default: a repeat is a new draw, never the stored one. Greedy: a cache hit.
+        assert _ask(host, "b").cached is not samples
+        _ask(host, "c", seed=3)
+        assert _ask(host, "d", seed=3).cached  # seeded: deterministic either way
+    finally:
+        host.close()
