@@ -15,24 +15,7 @@ from conftest import make_image
 from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, SchedulerLimits
 from glm4v_bento.engine.kv_cache import StaticKVCache
 
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "red",
-    "mat",
-    "while",
-    "two",
-    "dogs",
-    "ran",
-    "past",
-    "the",
-    "old",
-    "blue",
-    "house",
-]
+WORDS = ["the", "cat", "sat", "on", "a", "red", "mat", "two", "dogs", "ran", "past", "old", "blue", "house"]
 
 
 def buffer_addresses(cache: StaticKVCache) -> list[int]:
