@@ -52,13 +52,15 @@ def random_requests(rng: random.Random, count: int) -> list[GenerationRequest]:
     return requests
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_greedy_answers_survive_a_random_mix_of_arrivals_and_cancellations(loaded_model, engine, seed):
+@pytest.mark.parametrize(("seed", "compiled"), [(1, False), (2, False), (3, True)])
+def test_greedy_answers_survive_a_random_mix_of_arrivals_and_cancellations(loaded_model, engine, seed, compiled):
+    """``compiled``: the decode step also goes through torch.compile, as served on a GPU."""
     rng = random.Random(seed)
     requests = random_requests(rng, 18)
     alone = [engine.generate([request])[0] for request in requests]
 
-    soak = Engine(loaded_model, limits=SchedulerLimits(max_running=4), prefill_chunk_tokens=7, cuda_graphs=False)
+    limits = SchedulerLimits(max_running=4)
+    soak = Engine(loaded_model, limits=limits, prefill_chunk_tokens=7, cuda_graphs=False, compile_decode=compiled)
     graphs = soak.runner.use_graphs(strict_replay(soak.runner.cache))
     timers = []
     try:
@@ -85,4 +87,6 @@ def test_greedy_answers_survive_a_random_mix_of_arrivals_and_cancellations(loade
         else:
             assert (result.finish_reason, result.text, result.usage) == ("length", solo.text, solo.usage), index
     assert graphs.enabled and graphs.captured >= 2  # no replay disagreed; several buckets were used
+    if compiled:  # it ran compiled, not quietly eager after a failed check
+        assert soak.runner.compiled.enabled and soak.runner.compiled.checked
     assert soak.runner.cache.generation >= 2  # the buffers grew at least once under the graphs
