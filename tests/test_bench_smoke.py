@@ -169,3 +169,15 @@ def test_prefill_chunk_bench_compares_whole_and_chunked(tiny_model_dir, tmp_path
     assert bench.main([*args, "--repeats", "1", "--output", str(output)]) == 0
     text = output.read_text()
     assert "| 0 |" in text and "| 32 |" in text and "longest pause" in text
+
+
+def test_step_overhead_bench_splits_each_step_into_model_and_host(tiny_model_dir, tmp_path):
+    bench = _load("step_overhead_bench")
+    output = tmp_path / "benchmarks.md"
+    args = ["--model", str(tiny_model_dir), "--rows", "1", "4", "--tokens", "8", "--output", str(output)]
+    assert bench.main(args) == 0
+    rows = [line for line in output.read_text().splitlines() if line.startswith(("| 1 |", "| 4 |"))]
+    assert len(rows) == 2
+    for row in rows:
+        step, forward, host = (float(cell) for cell in row.strip("|").split("|")[1:4])
+        assert 0 < forward < step and host > 0
