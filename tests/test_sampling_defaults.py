@@ -42,6 +42,11 @@ def test_defaults_follow_what_the_generation_config_says(config, expected):
     assert sampling_defaults(GenerationConfig(**config)) == expected
 
 
+def test_settings_no_request_could_ask_for_fall_back_to_greedy(caplog):
+    assert sampling_defaults(GenerationConfig(do_sample=True, top_p=0.0, temperature=0.7)) == SamplingDefaults()
+    assert "ignoring the checkpoint's sampling settings" in caplog.text
+
+
 def test_unset_fields_take_the_defaults_and_set_ones_win():
     defaults = SamplingDefaults(temperature=0.8, top_k=2)
     resolved = SamplingParams(top_p=0.5).with_defaults(defaults)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from glm4v_bento.engine.types import SamplingDefaults
 
@@ -143,9 +144,13 @@ def sampling_defaults(generation_config: Any) -> SamplingDefaults:
         name: getattr(generation_config, name, None) for name in ("temperature", "top_p", "top_k", "repetition_penalty")
     }
     given = {name: value for name, value in given.items() if value is not None}
-    if not getattr(generation_config, "do_sample", None):
-        return SamplingDefaults(repetition_penalty=given.get("repetition_penalty", 1.0))
-    return SamplingDefaults(**{"temperature": 1.0, **given})
+    try:
+        if not getattr(generation_config, "do_sample", None):
+            return SamplingDefaults(repetition_penalty=given.get("repetition_penalty", 1.0))
+        return SamplingDefaults(**{"temperature": 1.0, **given})
+    except ValidationError as exc:  # a value no request could ask for either (top_p=0...)
+        logger.warning("ignoring the checkpoint's sampling settings %s (%s): decoding greedily", given, exc)
+        return SamplingDefaults()
 
 
 def _memory_map(max_memory: dict[str, str] | None) -> dict[int | str, str] | None:

@@ -20,10 +20,11 @@ class SamplingDefaults(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    temperature: float = Field(0.0, description="0: greedy.")
-    top_p: float = 1.0
-    top_k: int = Field(0, description="0: no top-k.")
-    repetition_penalty: float = 1.0
+    # The bounds a request's own values must keep (SamplingParams).
+    temperature: float = Field(0.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0: no top-k.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
 
 
 class SamplingParams(BaseModel):
