@@ -8,10 +8,13 @@ import asyncio
 import json
 import shutil
 
+import httpx
+import openai
 import pytest
 from conftest import host_for
 from transformers import GenerationConfig
 
+from glm4v_bento.devserver import Server
 from glm4v_bento.engine import (
     Engine,
     GenerationRequest,
@@ -116,3 +119,26 @@ def test_info_and_result_cache_follow_the_defaults_in_effect(sampling_checkpoint
         assert _ask(host, "d", seed=3).cached  # seeded: deterministic either way
     finally:
         host.close()
+
+
+@pytest.fixture(scope="module")
+def sampling_server(sampling_checkpoint, tmp_path_factory):
+    with Server(sampling_checkpoint, tmp_path_factory.mktemp("logs") / "serve.log") as server:
+        yield server
+
+
+def test_served_requests_without_sampling_fields_follow_the_checkpoint(sampling_server):
+    """Through `bentoml serve` and the `openai` client: a request that names no temperature is
+    sampled as the checkpoint says (so never answered from the cache); temperature=0 is greedy."""
+    info = httpx.get(f"{sampling_server.url}/model/info").json()
+    assert info["sampling_defaults"] == SamplingDefaults(temperature=0.8, top_k=5).model_dump()
+    client = openai.OpenAI(base_url=f"{sampling_server.url}/v1", api_key="unused", max_retries=0)
+    [model] = [m.id for m in client.models.list()]
+
+    def cache(**params) -> str:
+        messages = [{"role": "user", "content": "the same question"}]
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=4, **params)
+        return raw.headers["X-GLM4V-Cache"]
+
+    assert [cache(), cache()] == ["miss", "miss"]  # each is a new draw
+    assert [cache(temperature=0), cache(temperature=0)] == ["miss", "hit"]
