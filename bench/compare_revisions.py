@@ -67,11 +67,16 @@ def parse_table(output: str) -> tuple[list[str], dict[str, float]]:
 
 
 def describe(tree: Path, revision: str) -> str:
-    """A short name for the code in ``tree``: its commit (marked dirty if changed), else the folder."""
-    done = subprocess.run(["git", "describe", "--always", "--dirty"] if revision == "HEAD" else
-                          ["git", "rev-parse", "--short", revision], cwd=tree, capture_output=True, text=True,
-                          check=False)  # fmt: skip
-    return done.stdout.strip() if done.returncode == 0 else tree.name
+    """A short name for the code in ``tree``: its commit (marked dirty if changed), else "this tree"
+    (a copy without its repository, or a machine without git)."""
+    command = (
+        ["git", "describe", "--always", "--dirty"] if revision == "HEAD" else ["git", "rev-parse", "--short", revision]
+    )
+    try:
+        done = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=False)
+    except OSError:  # no git at all
+        return "this tree"
+    return done.stdout.strip() if done.returncode == 0 else "this tree"
 
 
 @contextmanager
