@@ -158,9 +158,6 @@ def _parse_body(body: bytes) -> ChatCompletionRequest:
         raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
     if body.n != 1:
         raise OpenAIError(400, "only n=1 is supported", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise OpenAIError(400, f"{name} is not supported (use repetition_penalty)", name)
     return body
 
 
@@ -194,6 +191,8 @@ async def _to_generation_request(
             top_p=body.top_p,
             top_k=body.top_k,
             repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
             seed=body.seed,
             stop=stop,
             ignore_eos=body.ignore_eos,

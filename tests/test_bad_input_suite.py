@@ -180,7 +180,7 @@ CASES = [
         400,
         "supported format",
     ),
-    ("chat unsupported penalty", "POST", CHAT, chat(frequency_penalty=1.0), 400, "not supported"),
+    ("chat penalty out of range", "POST", CHAT, chat(frequency_penalty=3.0), 400, "frequency_penalty"),
     ("chat max_tokens zero", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens"),
     # routes and methods
     ("unknown route", "GET", "/v2/whatever", {}, 404, ""),

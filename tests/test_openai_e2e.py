@@ -129,12 +129,27 @@ def test_stop_strings(client):
     assert full.startswith(stopped.choices[0].message.content)
 
 
+def test_frequency_and_presence_penalties_steer_away_from_repeats(client):
+    request = {"model": MODEL, "messages": [user("what is this?", image=False)], "max_tokens": 24, "temperature": 0}
+    request["extra_body"] = {"ignore_eos": True, "cache": False}
+
+    def answer(**penalties) -> str:
+        message = client.chat.completions.create(**request, **penalties).choices[0].message
+        return (getattr(message, "reasoning_content", None) or "") + message.content
+
+    plain = answer()
+    assert answer(frequency_penalty=2.0) != plain
+    assert answer(presence_penalty=2.0) != plain
+    repeated = answer(frequency_penalty=-2.0)  # a negative penalty rewards repeats
+    assert len(set(repeated)) < len(set(plain))
+
+
 @pytest.mark.parametrize(
     ("overrides", "status", "param", "fragment"),
     [
         ({"n": 2}, 400, "n", "n=1"),
         ({"model": "gpt-4o"}, 404, "model", "does not exist"),
-        ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+        ({"presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal"),
         ({"temperature": 5}, 400, "temperature", "less than or equal"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", "last message"),
         ({"messages": []}, 400, "messages", "at least 1"),

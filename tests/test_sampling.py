@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from glm4v_bento.engine import GenerationRequest, SamplingParams
 from glm4v_bento.engine.prompt import PreparedPrompt
-from glm4v_bento.engine.sampling import apply_repetition_penalty, sample_next_tokens
+from glm4v_bento.engine.sampling import apply_occurrence_penalties, apply_repetition_penalty, sample_next_tokens
 from glm4v_bento.engine.sequence import Sequence
 
 
@@ -116,3 +116,23 @@ def test_a_seeded_row_repeats_whatever_shares_its_batch():
     neighbours = [seq(temperature=2.0, seed=1), seq(temperature=1.0, top_k=3)]
     together = [sample_next_tokens(logits, [neighbours[0], row, neighbours[1]])[1] for _ in range(20)]
     assert together == alone
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    # Token 1 leads token 2 by 0.1.
+    prompt_only = seq(prompt_ids=[1, 1], presence_penalty=2.0)
+    assert sample_next_tokens(LOGITS, [prompt_only]) == [1]  # the prompt is not counted
+    once = seq(presence_penalty=0.2)
+    once.append(1)
+    assert sample_next_tokens(LOGITS, [once]) == [2]
+    for times, expected in ((1, 1), (3, 2)):  # 0.05 per occurrence: once is not enough, three times is
+        row = seq(frequency_penalty=0.05)
+        for _ in range(times):
+            row.append(1)
+        assert sample_next_tokens(LOGITS, [row]) == [expected]
+
+
+def test_occurrence_penalties_follow_openais_formula():
+    row = torch.zeros(4)
+    penalised = apply_occurrence_penalties(row, [2, 2, 3], presence=0.5, frequency=0.25)
+    assert penalised.tolist() == [0.0, 0.0, -1.0, -0.75]  # 0.5 + 2 x 0.25, and 0.5 + 1 x 0.25

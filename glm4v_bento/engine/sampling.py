@@ -15,14 +15,19 @@ from glm4v_bento.engine.sequence import Sequence
 @torch.inference_mode()
 def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     """``logits`` is (rows, vocab) for the last position of each sequence, in order (left unchanged)."""
-    penalised = [i for i, seq in enumerate(sequences) if seq.params.repetition_penalty != 1.0]
+    penalised = [i for i, seq in enumerate(sequences) if _penalised(seq)]
     sampled = [i for i, seq in enumerate(sequences) if not seq.params.greedy]
     if not penalised and not sampled:  # all greedy: the argmax of the logits as they are
         return logits.argmax(dim=-1).tolist()
     logits = logits.float().clone() if penalised else logits.float()
     for i in penalised:
-        seq = sequences[i]
-        logits[i] = apply_repetition_penalty(logits[i], seq.seen_token_ids, seq.params.repetition_penalty)
+        seq, params = sequences[i], sequences[i].params
+        if params.repetition_penalty != 1.0:
+            logits[i] = apply_repetition_penalty(logits[i], seq.seen_token_ids, params.repetition_penalty)
+        if params.presence_penalty or params.frequency_penalty:
+            logits[i] = apply_occurrence_penalties(
+                logits[i], seq.output_ids, params.presence_penalty, params.frequency_penalty
+            )
     tokens = logits.argmax(dim=-1)
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
@@ -47,6 +52,23 @@ def _draw(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), with each row's own generator.
     race = torch.stack([torch.empty(vocab, device=device).exponential_(generator=s.generator) for s in sequences])
     return order.gather(1, (probs / race).argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def _penalised(seq: Sequence) -> bool:
+    params = seq.params
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+
+
+def apply_occurrence_penalties(
+    row: torch.Tensor, generated: list[int], presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties, over the tokens generated so far (not the
+    prompt): a token's logit goes down by ``presence`` once it has occurred, and by
+    ``frequency`` for each time it has."""
+    if not generated:
+        return row
+    index, counts = torch.tensor(generated, device=row.device).unique(return_counts=True)
+    return row.index_add(0, index, -(presence + frequency * counts.to(row.dtype)))
 
 
 def apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:

@@ -44,11 +44,17 @@ class SamplingParams(BaseModel):
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Default: the model's (1.0, none, unless it says)."
     )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers the logit of every token generated so far, once."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers a generated token's logit by this per occurrence."
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
     stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (not returned).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (for benchmarks).")
 
-    @field_validator("temperature", "top_p", "repetition_penalty")
+    @field_validator("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
