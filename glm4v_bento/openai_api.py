@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from glm4v_bento.engine import (
     QueueFullError,
     RequestHandle,
     SamplingParams,
+    TokenLogprob,
     Turn,
 )
 from glm4v_bento.http_limits import openai_error_type
@@ -38,13 +39,16 @@ from glm4v_bento.openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionTokenLogprob,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
     CompletionUsage,
     ImagePart,
     Message,
     ResponseMessage,
+    TopLogprob,
 )
 from glm4v_bento.serving import ModelHost, image_error_status
 
@@ -92,7 +96,7 @@ def create_routes(
                 hit = await host.cached_answer(
                     completion_id,
                     generation.params,
-                    body.cache,
+                    body.cache and not body.logprobs,  # a stored answer may have none
                     images=prepared.image_bytes,
                     prompt=generation.prompt,
                     system=generation.system,
@@ -126,6 +130,7 @@ def create_routes(
             choices=[
                 Choice(
                     message=ResponseMessage(content=result.answer, reasoning_content=result.thinking or None),
+                    logprobs=_choice_logprobs(result.logprobs) if result.logprobs is not None else None,
                     finish_reason=result.finish_reason,
                 )
             ],
@@ -158,6 +163,8 @@ def _parse_body(body: bytes) -> ChatCompletionRequest:
         raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
     if body.n != 1:
         raise OpenAIError(400, "only n=1 is supported", "n")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise OpenAIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
     return body
 
 
@@ -208,6 +215,7 @@ async def _to_generation_request(
         history=history,
         params=params,
         request_id=request_id,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     return _Prepared(request, [i.data for i in images], raw_history)
 
@@ -245,6 +253,21 @@ def _failure(result: GenerationResult) -> OpenAIError:
     return OpenAIError(500, result.error or "generation failed")
 
 
+def _choice_logprobs(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    def alternative(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    return ChoiceLogprobs(
+        content=[
+            ChatCompletionTokenLogprob(
+                **alternative(entry.token, entry.logprob).model_dump(),
+                top_logprobs=[alternative(top.token, top.logprob) for top in entry.top_logprobs],
+            )
+            for entry in entries
+        ]
+    )
+
+
 def _chunk(completion_id: str, model: str, created: int, **choice: Any) -> str:
     usage = choice.pop("usage", None)
     choices = [ChunkChoice(**choice)] if choice else []
@@ -265,9 +288,14 @@ async def _sse_events(
     yield _chunk(completion_id, model, created, delta=ChunkDelta(role="assistant", content=""))
     async for event in handle.events():
         deltas = parser.finish() if isinstance(event, Finished) else parser.feed(event.text)
-        for delta in deltas:
-            piece = {"reasoning_content": delta.text} if delta.part == "thinking" else {"content": delta.text}
-            yield _chunk(completion_id, model, created, delta=ChunkDelta(**piece))
+        pieces = [{"reasoning_content": d.text} if d.part == "thinking" else {"content": d.text} for d in deltas]
+        logprobs = None if isinstance(event, Finished) or not event.logprobs else _choice_logprobs(event.logprobs)
+        if logprobs is not None and not pieces:  # tokens whose text is not out yet (markers, held back)
+            pieces = [{}]
+        for number, piece in enumerate(pieces):
+            # This event's tokens go with its last piece.
+            extra = {"logprobs": logprobs} if logprobs is not None and number == len(pieces) - 1 else {}
+            yield _chunk(completion_id, model, created, delta=ChunkDelta(**piece), **extra)
         if isinstance(event, Finished):
             result = event.result
             on_done(result)

@@ -129,6 +129,29 @@ def test_stop_strings(client):
     assert full.startswith(stopped.choices[0].message.content)
 
 
+def test_logprobs_cover_every_generated_token_streamed_or_not(client):
+    request = {"model": MODEL, "messages": [user("what is this?")], "max_tokens": 12, "temperature": 0}
+    request |= {"logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+    response = client.chat.completions.create(**request)
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == response.usage.completion_tokens == 12
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob  # the best alternative is at least as likely
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
+    plain = {key: value for key, value in request.items() if key not in ("logprobs", "top_logprobs")}
+    assert client.chat.completions.create(**plain).choices[0].logprobs is None
+    again = client.chat.completions.create(**request)  # not the plain answer, now in the result cache
+    assert len(again.choices[0].logprobs.content) == 12
+
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    streamed = [
+        entry for chunk in chunks for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+
+
 def test_frequency_and_presence_penalties_steer_away_from_repeats(client):
     request = {"model": MODEL, "messages": [user("what is this?", image=False)], "max_tokens": 24, "temperature": 0}
     request["extra_body"] = {"ignore_eos": True, "cache": False}
@@ -153,7 +176,9 @@ def test_frequency_and_presence_penalties_steer_away_from_repeats(client):
         ({"temperature": 5}, 400, "temperature", "less than or equal"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", "last message"),
         ({"messages": []}, 400, "messages", "at least 1"),
-        ({"extra_body": {"logprobs": True}}, 400, "logprobs", "Extra inputs"),
+        ({"logit_bias": {"1": 5}}, 400, "logit_bias", "Extra inputs"),
+        ({"top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "less than or equal"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(client, overrides, status, param, fragment):

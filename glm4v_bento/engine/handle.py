@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from glm4v_bento.engine.types import GenerationRequest, GenerationResult
+from glm4v_bento.engine.types import GenerationRequest, GenerationResult, TokenLogprob
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """New generated text (raw: markers included; stop strings never leak into it)."""
+    """New generated text (raw: markers included; stop strings never leak into it), and the
+    log-probabilities of the tokens generated since the last delta, when the request asked.
+    A token's log-probability can come before its text (text held back for a stop string)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,9 @@ class RequestHandle:
 
     # --- scheduler side
 
-    def emit(self, text: str) -> None:
-        if self.streaming and text:
-            self._publish(TextDelta(text))
+    def emit(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> None:
+        if self.streaming and (text or logprobs):
+            self._publish(TextDelta(text, tuple(logprobs)))
 
     def finish(self, result: GenerationResult) -> None:
         if self._future.done():

@@ -77,3 +77,26 @@ def apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float)
     scores = row.gather(0, index)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return row.scatter(0, index, scores)
+
+
+def token_logprobs(
+    logits: torch.Tensor, sequences: list[Sequence], tokens: list[int]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """For each row that asked (``request.logprobs``): the chosen token's log-probability and
+    its most likely alternatives, (token id, log-probability) best first; None for the others.
+    From the model's distribution as it is, before temperature, filters and penalties."""
+    wanted = [i for i, seq in enumerate(sequences) if seq.request.logprobs is not None]
+    found: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(sequences)
+    if not wanted:
+        return found
+    device = logits.device
+    logprobs = torch.log_softmax(logits[torch.tensor(wanted, device=device)].float(), dim=-1)
+    chosen = torch.tensor([tokens[i] for i in wanted], device=device)
+    chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    most = max(sequences[i].request.logprobs for i in wanted)
+    best_values, best_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0])
+    values, ids = best_values.tolist(), best_ids.tolist()
+    for row, i in enumerate(wanted):
+        count = sequences[i].request.logprobs
+        found[i] = (chosen_logprobs[row], list(zip(ids[row][:count], values[row][:count], strict=True)))
+    return found

@@ -25,9 +25,10 @@ from typing import Literal
 from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.prompt import PromptBuilder, PromptError
 from glm4v_bento.engine.runner import ModelRunner, Prefilled, PrefillJob
-from glm4v_bento.engine.sampling import sample_next_tokens
+from glm4v_bento.engine.sampling import sample_next_tokens, token_logprobs
 from glm4v_bento.engine.sequence import Sequence
 from glm4v_bento.engine.types import (
+    MAX_LOGPROBS,
     ErrorType,
     GenerationRequest,
     GenerationResult,
@@ -239,6 +240,10 @@ class Scheduler:
         max_context = self.runner.loaded.max_context
         budget = max_context - prompt.num_tokens
         asked = request.params.max_new_tokens
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise PromptError(
+                f"logprobs asks for {request.logprobs} alternatives per token; 0 to {MAX_LOGPROBS} can be"
+            )
         if budget < 1:
             raise PromptError(
                 f"the prompt is {prompt.num_tokens} tokens, which fills the model's context of {max_context} tokens"
@@ -328,10 +333,14 @@ class Scheduler:
         self._prune()
 
     def _sample(self, rows: list[tuple[Sequence, RequestHandle]], logits) -> None:
-        tokens = sample_next_tokens(logits, [seq for seq, _ in rows])
-        for (seq, handle), token in zip(rows, tokens, strict=True):
+        sequences = [seq for seq, _ in rows]
+        tokens = sample_next_tokens(logits, sequences)
+        logprobs = token_logprobs(logits, sequences, tokens)
+        for (seq, handle), token, found in zip(rows, tokens, logprobs, strict=True):
+            if found is not None:
+                seq.add_logprobs(token, *found)
             seq.append(token)
-            handle.emit(seq.take_delta())
+            handle.emit(seq.take_delta(), seq.take_logprobs())
 
     def _drop_cancelled(self) -> None:
         cancelled = [seq for seq, handle in self._running if handle.cancelled and not seq.finished]
@@ -363,7 +372,7 @@ class Scheduler:
         return True
 
     def _deliver(self, seq: Sequence, handle: RequestHandle) -> None:
-        handle.emit(seq.take_delta())
+        handle.emit(seq.take_delta(), seq.take_logprobs())
         handle.finish(seq.result())
         self._forget(handle)
 

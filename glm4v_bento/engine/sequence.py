@@ -17,6 +17,8 @@ from glm4v_bento.engine.types import (
     GenerationResult,
     SamplingDefaults,
     Timings,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -83,6 +85,9 @@ class Sequence:
         self.text = ""
         self.finish_reason: FinishReason | None = None
         self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._decode_one = _fast_decoder(tokenizer)
+        self.logprobs: list[TokenLogprob] = []  # one per output token, when the request asks
+        self._logprobs_taken = 0
         self._stop_scan_from = 0
         self._emitted = 0  # how much of self.text has been handed out as deltas
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
@@ -114,6 +119,19 @@ class Sequence:
             self.text += self._detokenizer.flush()
             self._hit_stop_string()
             self._finish("length")
+
+    def add_logprobs(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]]) -> None:
+        """The log-probabilities at the place of the token about to be appended."""
+        top = [TopLogprob(token_id=i, token=self._decode_one([i]), logprob=lp) for i, lp in alternatives]
+        self.logprobs.append(
+            TokenLogprob(token_id=token_id, token=self._decode_one([token_id]), logprob=logprob, top_logprobs=top)
+        )
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """Log-probabilities not handed out yet (with the text of ``take_delta``, or ahead of it)."""
+        taken = self.logprobs[self._logprobs_taken :]
+        self._logprobs_taken = len(self.logprobs)
+        return taken
 
     def cancel(self) -> None:
         self._finish("cancelled")
@@ -174,4 +192,5 @@ class Sequence:
                 decode_s=finished - prefill_done,
                 total_s=finished - self.submitted_at,
             ),
+            logprobs=list(self.logprobs) if self.request.logprobs is not None else None,
         )

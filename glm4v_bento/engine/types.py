@@ -99,9 +99,13 @@ class Video:
     fps: float
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
 @dataclass
 class GenerationRequest:
-    """One prompt: its images (or one video), the text, and how to sample."""
+    """One prompt: its images (or one video), the text, and how to sample. ``logprobs``: give
+    each generated token's log-probability and this many most likely alternatives (None: none)."""
 
     prompt: str
     images: list[Image.Image] = field(default_factory=list)
@@ -110,6 +114,19 @@ class GenerationRequest:
     history: list[Turn] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
+    logprobs: int | None = None
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str = Field(description="The token's text (a piece of a character shows as U+FFFD).")
+    logprob: float = Field(description="Natural log of its probability under the model (before sampling settings).")
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, and the most likely tokens at its place."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class Usage(BaseModel):
@@ -137,3 +154,6 @@ class GenerationResult(BaseModel):
     cached: bool = Field(False, description="Served from the result cache, not generated again.")
     usage: Usage
     timings: Timings
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="One per generated token (usage.completion_tokens), when the request asked for them."
+    )
