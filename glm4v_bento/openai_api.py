@@ -254,18 +254,19 @@ def _failure(result: GenerationResult) -> OpenAIError:
 
 
 def _choice_logprobs(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
-    def alternative(token: str, logprob: float) -> TopLogprob:
-        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-
-    return ChoiceLogprobs(
-        content=[
-            ChatCompletionTokenLogprob(
-                **alternative(entry.token, entry.logprob).model_dump(),
-                top_logprobs=[alternative(top.token, top.logprob) for top in entry.top_logprobs],
-            )
-            for entry in entries
-        ]
-    )
+    """The engine's log-probabilities in OpenAI's shape (which adds each token's UTF-8 bytes)."""
+    content = [
+        ChatCompletionTokenLogprob(
+            token=entry.token,
+            logprob=entry.logprob,
+            bytes=list(entry.token.encode()),
+            top_logprobs=[
+                TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode())) for t in entry.top_logprobs
+            ],
+        )
+        for entry in entries
+    ]
+    return ChoiceLogprobs(content=content)
 
 
 def _chunk(completion_id: str, model: str, created: int, **choice: Any) -> str:
