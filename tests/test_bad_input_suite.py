@@ -107,6 +107,8 @@ CASES = [
     ("top_p zero", "POST", INFER, form(PNG, {"top_p": 0}), 400, "top_p"),
     ("top_k negative", "POST", INFER, form(PNG, {"top_k": -1}), 400, "top_k"),
     ("seed negative", "POST", INFER, form(PNG, {"seed": -1}), 400, "seed"),
+    ("presence_penalty too low", "POST", INFER, form(PNG, {"presence_penalty": -3}), 400, "presence_penalty"),
+    ("logprobs on the native API", "POST", INFER, form(PNG, {"logprobs": True}), 400, "logprobs"),
     ("stop not a list", "POST", INFER, form(PNG, {"stop": 5}), 400, "stop"),
     ("empty stop string", "POST", INFER, form(PNG, {"stop": [""]}), 400, "stop"),
     ("too many stop strings", "POST", INFER, form(PNG, {"stop": ["a"] * 17}), 400, "stop"),
@@ -152,6 +154,8 @@ CASES = [
     ("chat without messages", "POST", CHAT, chat(messages=[]), 400, "messages"),
     ("chat unknown role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
     ("chat n=3", "POST", CHAT, chat(n=3), 400, "n=1"),
+    ("chat top_logprobs negative", "POST", CHAT, chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs"),
+    ("chat logprobs not a bool", "POST", CHAT, chat(logprobs=[1]), 400, "logprobs"),
     (
         "chat temperature NaN",
         "POST",
