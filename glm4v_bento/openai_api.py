@@ -7,11 +7,13 @@ use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -31,6 +33,7 @@ from glm4v_bento.engine import (
     SamplingParams,
     TokenLogprob,
     Turn,
+    merged_events,
 )
 from glm4v_bento.http_limits import openai_error_type
 from glm4v_bento.image_urls import ImageURLError, URLPolicy, image_bytes
@@ -96,47 +99,45 @@ def create_routes(
                 hit = await host.cached_answer(
                     completion_id,
                     generation.params,
-                    body.cache and not body.logprobs,  # a stored answer may have none
+                    # A stored answer may have no logprobs, and is one choice.
+                    body.cache and not body.logprobs and body.n == 1,
                     images=prepared.image_bytes,
                     prompt=generation.prompt,
                     system=generation.system,
                     history=prepared.history,
                 )
-            try:
-                if hit is not None:
-                    handle = None
-                elif body.stream:
-                    handle = host.open_stream(generation)
-                else:
-                    handle = host.engine.submit(generation)
-            except QueueFullError as exc:
-                raise OpenAIError(429, str(exc), code="queue_full") from None
-            except EngineClosedError as exc:
-                raise OpenAIError(503, str(exc), code="shutting_down") from None
+            handles = [] if hit is not None else _submit(host, _choices(generation, body.n), body.stream)
         except OpenAIError as exc:
             on_reject(exc.code or exc.type)
             return exc.response()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _sse_events(handle, completion_id, served_model, include_usage, host.completed)
+            events = _sse_events(handles, completion_id, served_model, include_usage, host.completed)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = hit if handle is None else host.completed(await handle.wait())
-        if result.finish_reason not in ("stop", "length"):
-            return _failure(result).response()
+        if hit is not None:
+            results = [hit]
+        else:
+            results = [host.completed(result) for result in await asyncio.gather(*(h.wait() for h in handles))]
+        failed = [result for result in results if result.finish_reason not in ("stop", "length")]
+        if failed:
+            return _failure(failed[0]).response()
         completion = ChatCompletion(
             id=completion_id,
             created=int(time.time()),
             model=served_model,
             choices=[
                 Choice(
+                    index=index,
                     message=ResponseMessage(content=result.answer, reasoning_content=result.thinking or None),
                     logprobs=_choice_logprobs(result.logprobs) if result.logprobs is not None else None,
                     finish_reason=result.finish_reason,
                 )
+                for index, result in enumerate(results)
             ],
-            usage=CompletionUsage(**result.usage.model_dump()),
+            usage=_usage(results),
         )
-        return JSONResponse(completion.model_dump(), headers={"X-GLM4V-Cache": "hit" if result.cached else "miss"})
+        cached = "hit" if results[0].cached else "miss"
+        return JSONResponse(completion.model_dump(), headers={"X-GLM4V-Cache": cached})
 
     return [
         Route("/v1/models", list_models, methods=["GET"]),
@@ -161,8 +162,6 @@ def _parse_body(body: bytes) -> ChatCompletionRequest:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"])
         raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
-    if body.n != 1:
-        raise OpenAIError(400, "only n=1 is supported", "n")
     if body.top_logprobs is not None and not body.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
     return body
@@ -253,6 +252,52 @@ def _failure(result: GenerationResult) -> OpenAIError:
     return OpenAIError(500, result.error or "generation failed")
 
 
+def _choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The request once per choice. With a seed, choice i samples with seed + i: the choices
+    differ, and the whole answer repeats."""
+    if n == 1:
+        return [request]
+    seed = request.params.seed
+    return [
+        replace(
+            request,
+            request_id=f"{request.request_id}-{index}",
+            params=request.params
+            if seed is None
+            else request.params.model_copy(update={"seed": (seed + index) % 2**63}),
+        )
+        for index in range(n)
+    ]
+
+
+def _submit(host: ModelHost, requests: list[GenerationRequest], stream: bool) -> list[RequestHandle]:
+    """All the choices start, or none does (429 when there is no room for all of them)."""
+    handles: list[RequestHandle] = []
+    try:
+        if stream:
+            for request in requests:
+                handles.append(host.open_stream(request))
+        else:
+            outcomes = host.engine.submit_many(requests)
+            handles = [outcome for outcome in outcomes if isinstance(outcome, RequestHandle)]
+            for outcome in outcomes:
+                if isinstance(outcome, QueueFullError):
+                    raise outcome
+    except (QueueFullError, EngineClosedError) as exc:
+        for handle in handles:
+            handle.cancel()
+        status, code = (429, "queue_full") if isinstance(exc, QueueFullError) else (503, "shutting_down")
+        raise OpenAIError(status, str(exc), code=code) from None
+    return handles
+
+
+def _usage(results: list[GenerationResult]) -> CompletionUsage:
+    """The prompt once, the completion tokens of every choice."""
+    prompt = results[0].usage.prompt_tokens
+    completion = sum(result.usage.completion_tokens for result in results)
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
 def _choice_logprobs(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
     """The engine's log-probabilities in OpenAI's shape (which adds each token's UTF-8 bytes)."""
     content = [
@@ -277,35 +322,44 @@ def _chunk(completion_id: str, model: str, created: int, **choice: Any) -> str:
 
 
 async def _sse_events(
-    handle: RequestHandle,
+    handles: list[RequestHandle],
     completion_id: str,
     model: str,
     include_usage: bool,
     on_done: Callable[[GenerationResult], object],
 ) -> AsyncIterator[str]:
-    """role first; reasoning_content pieces; content pieces; finish_reason; usage (if asked); [DONE]."""
+    """Per choice: role first; reasoning_content pieces; content pieces; finish_reason. Then the
+    usage of all choices (if asked) and [DONE]. A choice that fails ends the stream with an error."""
     created = int(time.time())
-    parser = OutputParser()
-    yield _chunk(completion_id, model, created, delta=ChunkDelta(role="assistant", content=""))
-    async for event in handle.events():
-        deltas = parser.finish() if isinstance(event, Finished) else parser.feed(event.text)
-        pieces = [{"reasoning_content": d.text} if d.part == "thinking" else {"content": d.text} for d in deltas]
-        logprobs = None if isinstance(event, Finished) or not event.logprobs else _choice_logprobs(event.logprobs)
-        if logprobs is not None and not pieces:  # tokens whose text is not out yet (markers, held back)
-            pieces = [{}]
-        for number, piece in enumerate(pieces):
-            # This event's tokens go with its last piece.
-            extra = {"logprobs": logprobs} if logprobs is not None and number == len(pieces) - 1 else {}
-            yield _chunk(completion_id, model, created, delta=ChunkDelta(**piece), **extra)
-        if isinstance(event, Finished):
+    parsers = [OutputParser() for _ in handles]
+    results: list[GenerationResult] = []
+    for index in range(len(handles)):
+        yield _chunk(completion_id, model, created, index=index, delta=ChunkDelta(role="assistant", content=""))
+    async with aclosing(merged_events(handles)) as events:
+        async for index, event in events:
+            parser = parsers[index]
+            deltas = parser.finish() if isinstance(event, Finished) else parser.feed(event.text)
+            pieces = [{"reasoning_content": d.text} if d.part == "thinking" else {"content": d.text} for d in deltas]
+            logprobs = None if isinstance(event, Finished) or not event.logprobs else _choice_logprobs(event.logprobs)
+            if logprobs is not None and not pieces:  # tokens whose text is not out yet (markers, held back)
+                pieces = [{}]
+            for number, piece in enumerate(pieces):
+                # This event's tokens go with its last piece.
+                extra = {"logprobs": logprobs} if logprobs is not None and number == len(pieces) - 1 else {}
+                yield _chunk(completion_id, model, created, index=index, delta=ChunkDelta(**piece), **extra)
+            if not isinstance(event, Finished):
+                continue
             result = event.result
             on_done(result)
-            if result.finish_reason in ("stop", "length"):
-                yield _chunk(completion_id, model, created, delta=ChunkDelta(), finish_reason=result.finish_reason)
-                if include_usage:
-                    yield _chunk(completion_id, model, created, usage=CompletionUsage(**result.usage.model_dump()))
-            else:
+            if result.finish_reason not in ("stop", "length"):
                 error = _failure(result)
                 body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
                 yield f"data: {json.dumps(body)}\n\n"
+                break  # the other choices are cancelled on the way out
+            results.append(result)
+            yield _chunk(
+                completion_id, model, created, index=index, delta=ChunkDelta(), finish_reason=result.finish_reason
+            )
+    if include_usage and len(results) == len(handles):
+        yield _chunk(completion_id, model, created, usage=_usage(results))
     yield "data: [DONE]\n\n"

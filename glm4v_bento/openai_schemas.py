@@ -54,7 +54,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=16, description="Choices to generate (they run side by side in the batch).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

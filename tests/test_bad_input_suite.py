@@ -153,7 +153,8 @@ CASES = [
     ),
     ("chat without messages", "POST", CHAT, chat(messages=[]), 400, "messages"),
     ("chat unknown role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
-    ("chat n=3", "POST", CHAT, chat(n=3), 400, "n=1"),
+    ("chat n=17", "POST", CHAT, chat(n=17), 400, "less than or equal"),
+    ("chat n=0", "POST", CHAT, chat(n=0), 400, "greater than or equal"),
     ("chat top_logprobs negative", "POST", CHAT, chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs"),
     ("chat logprobs not a bool", "POST", CHAT, chat(logprobs=[1]), 400, "logprobs"),
     (

@@ -152,6 +152,36 @@ def test_logprobs_cover_every_generated_token_streamed_or_not(client):
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
 
 
+def test_n_choices_run_side_by_side_streamed_or_not(client):
+    request = {"model": MODEL, "messages": [user("what is this?")], "max_tokens": 10, "n": 3}
+    request |= {"temperature": 2.0, "seed": 7, "extra_body": {"ignore_eos": True}}
+
+    def texts(choices) -> list[str]:
+        return [(getattr(c.message, "reasoning_content", None) or "") + c.message.content for c in choices]
+
+    response = client.chat.completions.create(**request)
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    sampled = texts(response.choices)
+    assert len(set(sampled)) > 1  # each choice draws with its own seed
+    assert texts(client.chat.completions.create(**request).choices) == sampled  # and the seed repeats them
+    assert response.usage.completion_tokens == 30 and response.usage.total_tokens == response.usage.prompt_tokens + 30
+
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    streamed, finished = ["", "", ""], {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += (getattr(choice.delta, "reasoning_content", None) or "") + (
+                choice.delta.content or ""
+            )
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert streamed == sampled and finished == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-1].usage.completion_tokens == 30
+
+    greedy = client.chat.completions.create(**{**request, "temperature": 0, "n": 2})
+    assert len(set(texts(greedy.choices))) == 1
+
+
 def test_frequency_and_presence_penalties_steer_away_from_repeats(client):
     request = {"model": MODEL, "messages": [user("what is this?", image=False)], "max_tokens": 24, "temperature": 0}
     request["extra_body"] = {"ignore_eos": True, "cache": False}
@@ -170,7 +200,7 @@ def test_frequency_and_presence_penalties_steer_away_from_repeats(client):
 @pytest.mark.parametrize(
     ("overrides", "status", "param", "fragment"),
     [
-        ({"n": 2}, 400, "n", "n=1"),
+        ({"n": 17}, 400, "n", "less than or equal"),
         ({"model": "gpt-4o"}, 404, "model", "does not exist"),
         ({"presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal"),
         ({"temperature": 5}, 400, "temperature", "less than or equal"),
@@ -211,9 +241,10 @@ def test_image_urls_are_refused_by_default_and_never_reach_inside(client, url, f
     assert info.value.body["param"] == "messages.0.content.0.image_url"
 
 
-def test_closing_a_stream_cancels_the_generation(client, server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_closing_a_stream_cancels_the_generation(client, server, n):
     stream = client.chat.completions.create(
-        model=MODEL, messages=[user("long")], max_tokens=6000, stream=True, extra_body={"ignore_eos": True}
+        model=MODEL, messages=[user("long")], max_tokens=6000, stream=True, n=n, extra_body={"ignore_eos": True}
     )
     for index, _ in enumerate(stream):
         if index == 3:

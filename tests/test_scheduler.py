@@ -310,3 +310,31 @@ def test_a_prompt_that_breaks_the_model_mid_prefill_fails_alone(chunked_engine, 
     assert [r.finish_reason for r in results] == ["length", "error", "length"]
     assert results[1].error_type == "internal"
     assert len(chunks_run) > 3 and max(chunks_run) == 4  # it failed in one of several chunks
+
+
+def test_merged_streams_keep_each_ones_order_and_closing_them_cancels_all(make_engine):
+    from contextlib import aclosing
+
+    from glm4v_bento.engine import merged_events
+
+    engine = make_engine()
+
+    async def run() -> tuple[dict[int, str], list]:
+        handles = [engine.submit(request(f"q{i}", 6 + i), stream=True) for i in range(3)]
+        texts: dict[int, str] = {0: "", 1: "", 2: ""}
+        results = {}
+        async for index, event in merged_events(handles):
+            if isinstance(event, Finished):
+                results[index] = event.result
+            else:
+                texts[index] += event.text
+        assert sorted(results) == [0, 1, 2]
+        assert all(texts[i] == results[i].text for i in range(3))  # each stream whole and in order
+
+        long = [engine.submit(request(f"long {i}", 5000), stream=True) for i in range(2)]
+        async with aclosing(merged_events(long)) as events:
+            async for _ in events:
+                break  # the caller leaves after one event
+        return [handle.result(timeout=30).finish_reason for handle in long]
+
+    assert asyncio.run(run()) == ["cancelled", "cancelled"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
+import time
 
 import pytest
 from conftest import encode, host_for, make_image
@@ -204,3 +205,26 @@ def test_client_images_are_decoded_off_the_event_loop(host, monkeypatch):
     loop_thread, [outcome] = asyncio.run(run())
     assert outcome.status == 200
     assert decoded_on and loop_thread not in decoded_on
+
+
+def test_several_choices_start_together_or_not_at_all(tiny_model_dir):
+    """/v1/chat/completions with n: when the queue has room for only some of the choices, none
+    runs (429), and the ones already queued are withdrawn."""
+    from glm4v_bento.engine import GenerationRequest
+    from glm4v_bento.openai_api import OpenAIError, _choices, _submit
+
+    host = host_for(str(tiny_model_dir), max_queue=2)
+    try:
+        assert host.wait_ready(60), host.error
+        params = SamplingParams(max_new_tokens=8000, ignore_eos=True)  # would run for seconds
+        choices = _choices(GenerationRequest("x", params=params, request_id="c"), 3)
+        assert [c.request_id for c in choices] == ["c-0", "c-1", "c-2"]
+        with pytest.raises(OpenAIError) as refused:
+            _submit(host, choices, stream=False)
+        assert refused.value.status == 429
+        deadline = time.monotonic() + 1.5
+        while host.engine.running or host.engine.queue_depth:  # the two queued choices were withdrawn
+            assert time.monotonic() < deadline, "choices of a refused request kept running"
+            time.sleep(0.01)
+    finally:
+        host.close()

@@ -1,7 +1,7 @@
 """The model engine: importable and benchmarkable without BentoML or any HTTP stack."""
 
 from glm4v_bento.engine.engine import Engine
-from glm4v_bento.engine.handle import Finished, RequestHandle, StreamEvent, TextDelta
+from glm4v_bento.engine.handle import Finished, RequestHandle, StreamEvent, TextDelta, merged_events
 from glm4v_bento.engine.loader import LoadedModel, ModelLoadError, load_model
 from glm4v_bento.engine.parser import OutputParser, ParsedOutput, parse_output
 from glm4v_bento.engine.prompt import PromptError
@@ -44,5 +44,6 @@ __all__ = [
     "Usage",
     "Video",
     "load_model",
+    "merged_events",
     "parse_output",
 ]

@@ -10,6 +10,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from glm4v_bento.engine.types import GenerationRequest, GenerationResult, TokenLogprob
@@ -120,3 +121,38 @@ class RequestHandle:
             loop.call_soon_threadsafe(queue.put_nowait, event)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
             self.cancel()
+
+
+async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StreamEvent]]:
+    """(index, event) from every handle (streamed) as they come, until each has finished.
+    Closing it early (the client left, one of them failed) cancels the ones still running."""
+    if len(handles) == 1:  # the usual single stream: no tasks, no queue
+        async with aclosing(handles[0].events()) as events:
+            async for event in events:
+                yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, StreamEvent | Exception]] = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            async for event in handle.events():
+                queue.put_nowait((index, event))
+        except Exception as exc:  # passed on: the merge must not wait for a Finished that never comes
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(index, handle)) for index, handle in enumerate(handles)]
+    try:
+        for _ in handles:  # until one Finished per handle
+            while True:
+                index, event = await queue.get()
+                if isinstance(event, Exception):
+                    raise event
+                yield index, event
+                if isinstance(event, Finished):
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+        for handle in handles:
+            if not handle.done:
+                handle.cancel()
