@@ -278,13 +278,9 @@ def _submit(host: ModelHost, requests: list[GenerationRequest], stream: bool) ->
             for request in requests:
                 handles.append(host.open_stream(request))
         else:
-            outcomes = host.engine.submit_many(requests)
-            handles = [outcome for outcome in outcomes if isinstance(outcome, RequestHandle)]
-            for outcome in outcomes:
-                if isinstance(outcome, QueueFullError):
-                    raise outcome
+            handles = host.engine.submit_all(requests)  # withdraws them all itself when one is refused
     except (QueueFullError, EngineClosedError) as exc:
-        for handle in handles:
+        for handle in handles:  # the streams opened before the refusal
             handle.cancel()
         status, code = (429, "queue_full") if isinstance(exc, QueueFullError) else (503, "shutting_down")
         raise OpenAIError(status, str(exc), code=code) from None

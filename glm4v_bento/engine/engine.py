@@ -92,10 +92,10 @@ class Engine:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run ``requests`` (admitted together when there is room) and return their results in order."""
-        return [handle.result() for handle in self._submit_all(requests)]
+        return [handle.result() for handle in self.submit_all(requests)]
 
     async def generate_async(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        handles = self._submit_all(requests)
+        handles = self.submit_all(requests)
         try:
             return list(await asyncio.gather(*(handle.wait() for handle in handles)))
         except asyncio.CancelledError:
@@ -107,7 +107,9 @@ class Engine:
         """Cancel a submitted request by id; False if it is not (or no longer) known."""
         return self.scheduler.cancel(request_id)
 
-    def _submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue requests that start together or not at all: a QueueFullError for any of them
+        withdraws the others and is raised."""
         outcomes = self.scheduler.submit_many(requests)
         refused = [o for o in outcomes if isinstance(o, QueueFullError)]
         if refused:
