@@ -18,6 +18,7 @@ device copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
     args = parser.parse_args(argv)
+    # The engine's own progress (compile time, each graph captured, any fallback) goes to the log.
+    logging.basicConfig(format="# %(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("glm4v_bento").setLevel(logging.INFO)
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if not args.tiny and device.type != "cuda":

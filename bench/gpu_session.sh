@@ -5,6 +5,7 @@
 #     bash bench/gpu_session.sh
 # Writes benchmarks.md and a log into $OUT (or bench/results/). The steps, most wanted first,
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
+#   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   before-after    the engine before the GPU work vs now, and now's own table (gpu-bench: as served)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
 #   eager           no compile, no CUDA graphs (gpu-bench-eager)
@@ -43,13 +44,14 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="before-after prefill-chunks eager graphs-only"
-else default_steps="served prefill-chunks eager graphs-only"; fi
+if [ -d "$base" ]; then default_steps="gpu-tests before-after prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served prefill-chunks eager graphs-only"; fi
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then chunk_model=(--architecture tiny --device cpu --prompt-words 100)
 else chunk_model=(--architecture glm4.1v-9b --device cuda); fi
 for name in $STEPS; do
   case $name in
+    gpu-tests) step "$name" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py ;;
     before-after)
       if [ -d "$base" ]; then
         step "$name" "$PYTHON" bench/compare_revisions.py --base-tree "$base" --rounds 1 --section gpu-before-after \
@@ -62,7 +64,7 @@ for name in $STEPS; do
     graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile \
       --section gpu-bench-graphs-only --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: before-after prefill-chunks eager graphs-only served)" \
+    *) echo "== unknown step $name (known: gpu-tests before-after prefill-chunks eager graphs-only served)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

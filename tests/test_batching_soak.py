@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import weakref
 
 import pytest
 from conftest import make_image
@@ -25,10 +26,14 @@ def buffer_addresses(cache: StaticKVCache) -> list[int]:
 
 
 def strict_replay(cache: StaticKVCache):
-    """A CPU stand-in for CUDA-graph capture that also fails where a real graph would go wrong
-    silently: replaying after any buffer it read has moved."""
+    """A CPU stand-in for CUDA-graph capture that also fails where a real graph would go wrong:
+    replaying after any buffer it read has moved (silently wrong tokens on a GPU), and capturing
+    into a memory pool whose graphs were all dropped (PyTorch's allocator asserts)."""
+    live: dict[int, weakref.WeakSet] = {}  # pool -> its graphs still held
 
-    def capture(step):
+    def capture(step, pool):
+        if pool in live and not live[pool]:
+            raise RuntimeError(f"capture into memory pool {pool}, whose graphs were all freed")
         logits = step()
         recorded = buffer_addresses(cache)
 
@@ -36,6 +41,7 @@ def strict_replay(cache: StaticKVCache):
             assert buffer_addresses(cache) == recorded, "a captured decode step would read moved buffers"
             logits.copy_(step())
 
+        live.setdefault(pool, weakref.WeakSet()).add(replay)
         return replay, logits
 
     return capture

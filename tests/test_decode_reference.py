@@ -64,7 +64,7 @@ def references(loaded_model, prompts):
     return [Reference(loaded_model, prompt) for prompt in prompts]
 
 
-def eager_replay(step):
+def eager_replay(step, pool):
     """Stands in for CUDA-graph capture on the CPU: same fixed buffers, same bucketed shapes."""
     logits = step()
 
@@ -169,7 +169,7 @@ def test_decoding_past_the_cache_capacity_grows_it_and_stays_exact(loaded_model,
 def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(loaded_model, prompts, references, caplog):
     runner = ModelRunner(loaded_model, max_rows=4)
 
-    def broken_capture(step):
+    def broken_capture(step, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     graphs = runner.use_graphs(broken_capture)
@@ -181,7 +181,7 @@ def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(loaded_model
 def test_a_capture_that_disagrees_with_the_eager_step_is_not_used(loaded_model, prompts, references, caplog):
     runner = ModelRunner(loaded_model, max_rows=4)
 
-    def wrong_capture(step):
+    def wrong_capture(step, pool):
         logits = step()
         return (lambda: logits.mul_(-1.0)), logits  # replays give the wrong answer
 

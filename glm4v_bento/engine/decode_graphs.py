@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 # (rows, columns) -> logits of shape (rows, vocab), reading inputs from the cache's buffers.
 Forward = Callable[[int, int], torch.Tensor]
 # Records ``step`` once; returns what replays it and the tensor each replay writes the logits to.
-Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+# The int names a memory pool: graphs captured with the same one share their scratch memory.
+Capture = Callable[[Callable[[], torch.Tensor], int], tuple[Callable[[], None], torch.Tensor]]
 
 # Each graph keeps its logits buffer (up to 64 rows x 151552 x 2 bytes: 19 MB); past this
 # many, new buckets run without a graph. About 6 row buckets x 20 column buckets up to 16k.
@@ -56,6 +57,9 @@ class DecodeGraphs:
         self.enabled = True
         self._graphs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
         self._generation = cache.generation
+        # A new pool each time the graphs are dropped: PyTorch refuses to capture into a shared
+        # pool whose graphs are all gone (an internal assertion in its caching allocator).
+        self._pool = 0
 
     @property
     def captured(self) -> int:
@@ -64,7 +68,7 @@ class DecodeGraphs:
     def run(self, rows: int, columns: int) -> torch.Tensor:
         """Logits of the running rows for one decode step whose inputs are loaded in the cache."""
         if self._generation != self.cache.generation:  # the buffers moved: old graphs point at freed memory
-            self._graphs.clear()
+            self._drop_graphs()
             self._generation = self.cache.generation
         key = (row_bucket(rows, self.cache.row_capacity), column_bucket(columns, self.cache.column_capacity))
         graph = self._graphs.get(key)
@@ -76,16 +80,20 @@ class DecodeGraphs:
         replay()
         return logits[:rows]
 
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._pool += 1
+
     def _turn_off(self) -> None:
         """Graphs go for good, the ones captured earlier too: something about them is not trusted."""
         self.enabled = False
-        self._graphs.clear()
+        self._drop_graphs()
 
     def _capture(self, key: tuple[int, int], rows: int, columns: int) -> torch.Tensor:
         bucket_rows, bucket_columns = key
         reference = self.reference(bucket_rows, bucket_columns)[:rows].clone()
         try:
-            replay, logits = self.capture(lambda: self.step(bucket_rows, bucket_columns))
+            replay, logits = self.capture(lambda: self.step(bucket_rows, bucket_columns), self._pool)
             replay()
         except Exception:  # any failure means: decode without graphs
             logger.warning("capturing a decode step in a CUDA graph failed; decoding eagerly", exc_info=True)
@@ -122,11 +130,14 @@ def same_logits(candidate: torch.Tensor, reference: torch.Tensor, min_correlatio
     return bool(correlation.min() >= min_correlation)
 
 
-def cuda_capture(pool: object | None = None) -> Capture:
+def cuda_capture() -> Capture:
     """The real capture: warm up on a side stream (as CUDA graphs need), then record one step."""
-    memory_pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    pools: dict[int, tuple[int, int]] = {}  # DecodeGraphs' pool number -> PyTorch's pool handle
 
-    def capture(step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    def capture(step: Callable[[], torch.Tensor], pool: int) -> tuple[Callable[[], None], torch.Tensor]:
+        if pool not in pools:
+            pools.clear()  # an earlier number is never asked for again
+            pools[pool] = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -135,7 +146,7 @@ def cuda_capture(pool: object | None = None) -> Capture:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls made by other threads (the server's) cannot break this capture.
-        with torch.cuda.graph(graph, pool=memory_pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pools[pool], capture_error_mode="thread_local"):
             logits = step()
         return graph.replay, logits
 

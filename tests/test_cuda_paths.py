@@ -1,0 +1,52 @@
+"""The CUDA-only decode paths on a real GPU: CUDA graphs (real capture, real memory pools) and
+torch.compile on Triton. Skipped without a CUDA device; `bench/gpu_session.sh` runs it first.
+
+On the CPU these paths run through stand-ins (tests/test_batching_soak.py); this file is what
+catches what only PyTorch's CUDA allocator and graph capture do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_model(tiny_model_dir):
+    from glm4v_bento.engine import load_model
+
+    return load_model(str(tiny_model_dir), device="cuda", dtype="float32")  # greedy answers comparable exactly
+
+
+def requests(count: int) -> list[GenerationRequest]:
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    return [GenerationRequest(f"request {i}: " + "tell me more " * (3 * i), params=params) for i in range(count)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compiled+graphs"])
+def test_graphs_are_captured_again_after_the_cache_grows(cuda_model, compiled):
+    """One row, then eight at once: the cache reallocates, every graph is dropped and captured
+    again in a new memory pool. Graphs must stay on, and each answer be its eager answer."""
+    eager = Engine(cuda_model, cuda_graphs=False, compile_decode=False)
+    try:
+        expected = [eager.generate([request])[0].text for request in requests(8)]
+    finally:
+        eager.close()
+
+    engine = Engine(cuda_model, cuda_graphs=True, compile_decode=compiled)
+    try:
+        first = engine.generate(requests(1))[0].text
+        generation = engine.runner.cache.generation
+        batch = [result.text for result in engine.generate(requests(8))]
+        path = engine.runner.decode_path()
+    finally:
+        engine.close()
+
+    assert engine.runner.cache.generation > generation  # the buffers did move under the graphs
+    assert path["cuda_graphs"], "graph capture failed or disagreed after the cache grew (see the log)"
+    assert path["cuda_graphs_captured"] >= 1
+    assert path["compiled"] == compiled
+    assert [first, *batch] == [expected[0], *expected]
