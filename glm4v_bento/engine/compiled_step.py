@@ -1,10 +1,18 @@
-"""The decode step compiled with torch.compile: elementwise work fused into few kernels.
+"""The decode step compiled with torch.compile, one decoder layer at a time.
 
 A decode step of a 9B model is dominated by reading the weights, but eager PyTorch adds
 about fifty small kernels per layer (norms, rotary embedding, activations) that each cost a
-launch and a round trip through memory. Inductor fuses them. Shapes are compiled as dynamic,
-so one compilation serves every batch size and cache length (the one-row case is never
-compiled: callers pad it to two rows).
+launch and a round trip through memory. Inductor fuses them.
+
+What is compiled is one decoder layer over its part of the cache (``decode_layer``), and the
+same compilation serves all the layers: they differ only in their weights, which torch.compile
+takes as inputs. What comes before the layers (embedding, rotary embedding, mask) and after
+them (norm, output head) is compiled as two more small parts. Compiling the whole step at once
+took 210 s on an H200 for GLM-4.1V-9B's 40 layers, and again about as long whenever a new
+shape made it compile again, stalling every stream meanwhile (docs/benchmarks.md). Shapes are
+compiled as dynamic, so one compilation serves every batch size and cache length (the one-row
+case is never compiled: callers pad it to two rows), and without "duck sizing": two sizes that
+happen to be equal when it compiles (two rows, two KV heads) are not assumed to stay equal.
 
 The first compiled step, and any step that made torch.compile compile again, is checked
 against the eager step; a compilation that fails or disagrees turns compilation off for the
@@ -15,31 +23,87 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch._dynamo.utils import counters
 
 from glm4v_bento.engine.decode_graphs import Forward, same_logits
+from glm4v_bento.engine.kv_cache import LayerCache
 
 logger = logging.getLogger(__name__)
 
+# (layer, hidden, cos, sin, mask, keys, values, row indices, write column) -> the layer's output
+LayerStep = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeParts:
+    """A decode step in three parts, each run as it is or compiled on its own."""
+
+    begin: Callable[[int, int], tuple[torch.Tensor, ...]]  # (rows, columns) -> hidden, cos, sin, mask
+    layer: LayerStep  # decode_layer, for each layer in turn
+    end: Callable[[torch.Tensor], torch.Tensor]  # last hidden state -> logits
+
+
+# (rows, columns, the parts to run) -> logits: the runner's decode step
+PartedForward = Callable[[int, int, DecodeParts], torch.Tensor]
+
+
+def decode_layer(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    row_indices: torch.Tensor,
+    write_column: torch.Tensor,
+) -> torch.Tensor:
+    """One decoder layer of a decode step. Its cache is made here from tensors, and the
+    columns it attends over from the mask's shape: nothing is specific to one layer."""
+    cache = LayerCache(keys, values, row_indices, write_column, columns=mask.shape[-1])
+    return layer(hidden, position_embeddings=(cos, sin), attention_mask=mask, cache=cache)
+
 
 class CompiledStep:
-    def __init__(self, eager: Forward) -> None:
-        self.eager = eager
-        self.compiled = torch.compile(eager, dynamic=True)
+    def __init__(self, forward: PartedForward, parts: DecodeParts) -> None:
+        self.eager: Forward = lambda rows, columns: forward(rows, columns, parts)
+        compiled_parts = DecodeParts(
+            begin=torch.compile(parts.begin, dynamic=True),
+            layer=torch.compile(parts.layer, dynamic=True),
+            end=torch.compile(parts.end, dynamic=True),
+        )
+
+        def compiled(rows: int, columns: int) -> torch.Tensor:
+            with fx_config.patch(use_duck_shape=False):  # read when torch.compile traces
+                return forward(rows, columns, compiled_parts)
+
+        self.compiled: Forward = compiled
         self.enabled = True
         self.checked = False
+        self.compilations = 0  # the first and each one after it, with the seconds they took
+        self.compile_seconds = 0.0
 
     def __call__(self, rows: int, columns: int) -> torch.Tensor:
         if not self.enabled:
             return self.eager(rows, columns)
         if not self.checked:
-            return self._checked_call(rows, columns, "compiling the decode step with torch.compile (a while) ...")
+            return self._checked_call(rows, columns, "compiling the decode step's layer with torch.compile ...")
         compilations = _compilations()
+        started = time.perf_counter()
         logits = self.compiled(rows, columns)
         if _compilations() != compilations:  # compiled again (a shape or guard it had not seen): check it too
-            logger.warning("the decode step was compiled again, for %d rows x %d columns", rows, columns)
+            self._count(started)
+            logger.warning(
+                "the decode step was compiled again, for %d rows x %d columns, in %.1f s",
+                rows,
+                columns,
+                time.perf_counter() - started,
+            )
             reference = self.eager(rows, columns)
             if not same_logits(logits, reference):
                 return self._turn_off(reference, "the recompiled decode step disagreed with the eager step")
@@ -56,9 +120,14 @@ class CompiledStep:
             return self._turn_off(reference, "compiling the decode step failed")
         if not same_logits(logits, reference):
             return self._turn_off(reference, "the compiled decode step disagreed with the eager step")
+        self._count(started)
         logger.info("compiled the decode step in %.1f s", time.perf_counter() - started)
         self.checked = True
         return logits
+
+    def _count(self, started: float) -> None:
+        self.compilations += 1
+        self.compile_seconds += time.perf_counter() - started
 
     def _turn_off(self, reference: torch.Tensor, why: str) -> torch.Tensor:
         logger.warning("%s; decoding eagerly from now on", why)

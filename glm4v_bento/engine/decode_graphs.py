@@ -70,7 +70,7 @@ class DecodeGraphs:
         if self._generation != self.cache.generation:  # the buffers moved: old graphs point at freed memory
             self._drop_graphs()
             self._generation = self.cache.generation
-        key = (row_bucket(rows, self.cache.row_capacity), column_bucket(columns, self.cache.column_capacity))
+        key = (row_bucket(rows, self.cache.row_capacity), column_bucket(columns, self.cache.usable_columns))
         graph = self._graphs.get(key)
         if graph is None:
             if not self.enabled or len(self._graphs) >= MAX_GRAPHS:

@@ -53,9 +53,6 @@ class StaticKVCache:
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # text position of the next token
         self.tokens = torch.zeros(0, dtype=torch.long, device=device)  # the token fed next
         self._host_tokens = torch.zeros(0, dtype=torch.long)
-        # Set by the caller before a forward pass: what update() attends over.
-        self.view_rows = 0
-        self.view_columns = 0
 
     def __len__(self) -> int:
         return self.rows
@@ -142,24 +139,22 @@ class StaticKVCache:
         self.positions += 1
         self.lengths = [length + 1 for length in self.lengths]
 
-    def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Called by each attention layer: store this step's key/value, return what to attend over."""
-        rows, columns = self.view_rows, self.view_columns
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # Written through the whole buffer with index tensors, not into a slice of it: compiled,
-        # a write into a slice becomes a copy of the slice (the entire cache) and back.
-        at = (self._row_indices[layer_idx][:rows], slice(None), self._write_columns[layer_idx])
-        keys[at] = key[:, :, 0]
-        values[at] = value[:, :, 0]
-        return keys[:rows, :, :columns], values[:rows, :, :columns]
+    def layer_buffers(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys, values, row indices and write column: a LayerCache's makings."""
+        return self.keys[index], self.values[index], self._row_indices[index], self._write_columns[index]
 
     # --- buffers
 
+    @property
+    def usable_columns(self) -> int:
+        """The most columns a step attends over. One column of the buffers always stays spare,
+        so a step's slice of them is never the whole width: compiled code would need a second
+        variant for that case (torch.compile compiles again when it first meets it)."""
+        return max(0, self.column_capacity - 1)
+
     def reserve(self, rows: int, columns: int, layer_devices: list[torch.device] | None = None) -> None:
         """Room for ``rows`` x ``columns`` (grown as needed, never shrunk here)."""
-        if rows <= self.row_capacity and columns <= self.column_capacity:
+        if rows <= self.row_capacity and columns <= self.usable_columns:
             return
         # Only the axis that ran out grows. Rows double (few reallocations; at most max_rows).
         row_capacity = self.row_capacity
@@ -168,8 +163,8 @@ class StaticKVCache:
         # Columns grow by a quarter: the buffers are rows x columns, so doubling a long batch's
         # columns could ask for tens of GB at once (while the old buffers are still held).
         column_capacity = self.column_capacity
-        if columns > column_capacity:
-            column_capacity = max(columns, column_capacity * 5 // 4, 2 * _COLUMN_ALIGN)
+        if columns > self.usable_columns:
+            column_capacity = max(columns + 1, column_capacity * 5 // 4, 2 * _COLUMN_ALIGN)
             column_capacity = -(-column_capacity // _COLUMN_ALIGN) * _COLUMN_ALIGN
         devices = layer_devices or [keys.device for keys in self.keys]
         shape = (row_capacity, self.kv_heads, column_capacity, self.head_dim)
@@ -227,3 +222,33 @@ def _sized(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
     for dim in dims:
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
     return tensor
+
+
+class LayerCache:
+    """One layer's keys and values as its attention sees them in a decode step: ``update``
+    stores the step's new key and value in the write column and returns what to attend over.
+    Built from tensors and a size alone, so a compiled layer needs no layer index: one
+    compilation serves every layer."""
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        row_indices: torch.Tensor,
+        write_column: torch.Tensor,
+        columns: int,
+    ) -> None:
+        self.keys, self.values = keys, values
+        self.row_indices, self.write_column = row_indices, write_column
+        self.columns = columns
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = key.shape[0]
+        # Written through the whole buffer with index tensors, not into a slice of it: compiled,
+        # a write into a slice becomes a copy of the slice (the entire cache) and back.
+        at = (self.row_indices[:rows], slice(None), self.write_column)
+        self.keys[at] = key[:, :, 0]
+        self.values[at] = value[:, :, 0]
+        return self.keys[:rows, :, : self.columns], self.values[:rows, :, : self.columns]

@@ -7,8 +7,8 @@ Prefill runs the vision encoder once per admitted group, then the language model
 prompt, in chunks of at most ``prefill_chunk_tokens`` (the scheduler decodes the running batch
 between two chunks, so a long prompt does not stall it), and hands the keys and values to the
 running batch's static cache. A decode step runs the language
-model's own layers over that cache; on a single CUDA device it is compiled with torch.compile
-and replayed from CUDA graphs.
+model's own layers over that cache; on a single CUDA device each layer is compiled with
+torch.compile and the step replayed from CUDA graphs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from glm4v_bento.engine import decode_attention
-from glm4v_bento.engine.compiled_step import CompiledStep
+from glm4v_bento.engine.compiled_step import CompiledStep, DecodeParts, decode_layer
 from glm4v_bento.engine.decode_graphs import Capture, DecodeGraphs, Forward, cuda_capture
 from glm4v_bento.engine.kv_cache import StaticKVCache
 from glm4v_bento.engine.loader import LoadedModel
@@ -88,9 +88,10 @@ class ModelRunner:
             self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype, max_rows=max_rows
         )
         one_gpu = self._single_cuda_device()
+        self._eager_parts = DecodeParts(begin=self._decode_begin, layer=decode_layer, end=self._decode_end)
         self.compiled: CompiledStep | None = None
         if compile_decode if compile_decode is not None else one_gpu:
-            self.compiled = CompiledStep(self._forward)
+            self.compiled = CompiledStep(self._forward, self._eager_parts)
         self._step: Forward = self.compiled or self._forward
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and one_gpu:
@@ -193,28 +194,37 @@ class ModelRunner:
             self.cache.finish_step()
         return logits.to(self.device)  # a model spread over devices ends on its last one
 
-    def _forward(self, rows: int, columns: int) -> torch.Tensor:
+    def _forward(self, rows: int, columns: int, parts: DecodeParts | None = None) -> torch.Tensor:
         """One decode step of ``rows`` rows attending over ``columns`` cache columns; every input
-        is read from the cache's fixed buffers, so a CUDA graph can record it as it is."""
-        cache = self.cache
-        cache.view_rows, cache.view_columns = rows, columns
-        text = self._text_model
-        hidden = text.embed_tokens(cache.tokens[:rows].unsqueeze(1))
-        positions = cache.positions[:rows].view(1, rows, 1).expand(3, rows, 1)
-        position_embeddings = text.rotary_emb(hidden, position_ids=positions)
-        # Made additive once here rather than converted from boolean by each of the layers.
-        mask = torch.zeros((rows, 1, 1, columns), dtype=hidden.dtype, device=hidden.device)
-        mask.masked_fill_(~cache.mask[:rows, :, :, :columns], torch.finfo(hidden.dtype).min)
+        is read from the cache's fixed buffers, so a CUDA graph can record it as it is.
+        ``parts``: its parts compiled (eager when None)."""
+        parts = parts or self._eager_parts
+        cache, text = self.cache, self._text_model
+        hidden, cos, sin, mask = parts.begin(rows, columns)
         # Decode has its own attention whichever kernel prefill uses: it takes this mask as it
         # is, reads the KV heads without repeating them, and never syncs.
         configured = text.config._attn_implementation
         text.config._attn_implementation = decode_attention.NAME
         try:
-            for layer in text.layers:
-                hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+            for index, layer in enumerate(text.layers):
+                hidden = parts.layer(layer, hidden, cos, sin, mask, *cache.layer_buffers(index))
         finally:
             text.config._attn_implementation = configured
-        logits = self.model.lm_head(text.norm(hidden[:, -1]))
+        return parts.end(hidden)
+
+    def _decode_begin(self, rows: int, columns: int) -> tuple[torch.Tensor, ...]:
+        """The running rows' next tokens embedded, their rotary embedding and attention mask."""
+        cache, text = self.cache, self._text_model
+        hidden = text.embed_tokens(cache.tokens[:rows].unsqueeze(1))
+        positions = cache.positions[:rows].view(1, rows, 1).expand(3, rows, 1)
+        cos, sin = text.rotary_emb(hidden, position_ids=positions)
+        # Made additive once here rather than converted from boolean by each of the layers.
+        mask = torch.zeros((rows, 1, 1, columns), dtype=hidden.dtype, device=hidden.device)
+        mask.masked_fill_(~cache.mask[:rows, :, :, :columns], torch.finfo(hidden.dtype).min)
+        return hidden, cos, sin, mask
+
+    def _decode_end(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(self._text_model.norm(hidden[:, -1]))
         self._mask_padded_vocab(logits)
         return logits
 
