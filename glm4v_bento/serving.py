@@ -28,6 +28,7 @@ from glm4v_bento.engine import (
     EngineClosedError,
     GenerationRequest,
     GenerationResult,
+    PromptError,
     QueueFullError,
     RequestHandle,
     SamplingParams,
@@ -38,6 +39,10 @@ from glm4v_bento.result_cache import MemoryResultCache, ResultCache, cache_key, 
 from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
 
 logger = logging.getLogger(__name__)
+
+# The long warm-up's prompt, in words of one token each: past 1024 columns, like a photo's
+# prompt (a 1024x1024 image is about 1.4k tokens), and far within any context limit.
+LONG_WARMUP_WORDS = 1500
 
 # Writes to a remote result cache, made in order off the event loop.
 _cache_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-cache")
@@ -101,14 +106,30 @@ class ModelHost:
             self.on_step(running, waiting, engine.runner.decode_path)
 
     def _warm_up(self, engine: Engine) -> None:
-        """One short generation with an image, so the first real request pays no start-up costs."""
+        """One short generation with an image, so the first real request pays no start-up costs.
+        Where decode steps are compiled, also a few steps over a long context: torch.compile
+        may compile again when the context length crosses a size (on an H200 it did, between
+        1792 and 256 columns), and that stalls every stream, so it is done before ready."""
         started = time.perf_counter()
         params = SamplingParams(max_new_tokens=self.settings.warmup_tokens, ignore_eos=True)
-        request = GenerationRequest("warm-up", images=[Image.new("RGB", (112, 112), (128, 128, 128))], params=params)
-        [result] = engine.generate([request])
+        image = Image.new("RGB", (112, 112), (128, 128, 128))
+        [result] = engine.generate([GenerationRequest("warm-up", images=[image], params=params)])
         if result.finish_reason == "error":
             raise RuntimeError(f"warm-up generation failed: {result.error}")
-        logger.info("warm-up: %d tokens in %.2f s", result.usage.completion_tokens, time.perf_counter() - started)
+        if engine.runner.compiled is not None:
+            self._warm_up_long_context(engine)
+        logger.info("warm-up done in %.2f s", time.perf_counter() - started)
+
+    def _warm_up_long_context(self, engine: Engine) -> None:
+        """Not fatal when it fails: it only moves a possible compilation out of serving time."""
+        params = SamplingParams(max_new_tokens=min(4, self.settings.warmup_tokens), ignore_eos=True)
+        try:
+            [result] = engine.generate([GenerationRequest("the " * LONG_WARMUP_WORDS, params=params)])
+            error = result.error if result.finish_reason == "error" else None
+        except PromptError as exc:
+            error = str(exc)
+        if error:
+            logger.warning("the long-context warm-up failed (%s): a first long request may compile again", error)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)

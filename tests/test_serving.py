@@ -69,6 +69,30 @@ def test_a_model_that_cannot_load_makes_the_host_unhealthy(tmp_path):
     assert outcomes[0].status == 503 and "failed to load" in outcomes[0].error
 
 
+def test_where_decode_is_compiled_the_warm_up_also_decodes_over_a_long_context(tiny_model_dir):
+    """So that a compilation a long context may need happens before ready, not in a request."""
+    compiled = host_for(str(tiny_model_dir), compile_decode=True)
+    try:
+        assert compiled.wait_ready(300), compiled.error
+        runner = compiled.engine.runner
+        assert runner.compiled.checked and runner.compiled.enabled
+        assert runner.cache.column_capacity > 1024  # its steps ran over the long prompt
+    finally:
+        compiled.close()
+
+
+def test_a_long_warm_up_that_fails_is_only_a_warning(tiny_model_dir, monkeypatch, caplog):
+    import glm4v_bento.serving
+
+    monkeypatch.setattr(glm4v_bento.serving, "LONG_WARMUP_WORDS", 100_000)  # past the tiny model's context
+    compiled = host_for(str(tiny_model_dir), compile_decode=True)
+    try:
+        assert compiled.wait_ready(300), compiled.error
+        assert "the long-context warm-up failed" in caplog.text
+    finally:
+        compiled.close()
+
+
 def test_open_streams_are_limited(tiny_model_dir):
     from glm4v_bento.engine import GenerationRequest, QueueFullError
 
