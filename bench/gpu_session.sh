@@ -6,13 +6,14 @@
 # Writes benchmarks.md and a log into $OUT (or bench/results/). The steps, most wanted first,
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
-#   before-after    the engine before the GPU work vs now, and now's own table (gpu-bench: as served)
+#   served          the engine as served (gpu-bench): the targets
+#   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
-#   eager           no compile, no CUDA graphs (gpu-bench-eager)
-#   graphs-only     CUDA graphs without compile (gpu-bench-graphs-only)
-#   served          now's table alone (only needed where there is no .base to compare with)
+#   compile         how long torch.compile holds decoding up, on the real architecture
+#   eager           no compile, no CUDA graphs (gpu-bench-eager), 128 new tokens
+#   graphs-only     CUDA graphs without compile (gpu-bench-graphs-only), 128 new tokens
 # STEPS picks some of them, to spread them over calls of limited length:
-#     STEPS="before-after prefill-chunks" bash bench/gpu_session.sh
+#     STEPS="served before-after" bash bench/gpu_session.sh
 #     STEPS="eager graphs-only" bash bench/gpu_session.sh
 # A step that fails is logged and the next one runs; the exit status says whether any failed.
 # PYTHON picks the interpreter (python3); GPU_BENCH_ARGS=--tiny walks the same steps on a CPU.
@@ -44,27 +45,34 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests before-after prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served prefill-chunks eager graphs-only"; fi
+if [ -d "$base" ]; then default_steps="gpu-tests served before-after prefill-chunks compile eager graphs-only"
+else default_steps="gpu-tests served prefill-chunks compile eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
-if [[ " ${extra[*]} " == *" --tiny "* ]]; then chunk_model=(--architecture tiny --device cpu --prompt-words 100)
-else chunk_model=(--architecture glm4.1v-9b --device cuda); fi
+if [[ " ${extra[*]} " == *" --tiny "* ]]; then
+  chunk_model=(--architecture tiny --device cpu --prompt-words 100)
+  compile_model=(--architecture tiny --device cpu --layers 2 --long-prompt-words 60)
+else
+  chunk_model=(--architecture glm4.1v-9b --device cuda)
+  compile_model=(--architecture glm4.1v-9b --device cuda)
+fi
+short=(--concurrency 8 32 --decode-tokens 64)  # GPU_BENCH_ARGS, after these, may override them
 for name in $STEPS; do
   case $name in
     gpu-tests) step "$name" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py ;;
     before-after)
       if [ -d "$base" ]; then
         step "$name" "$PYTHON" bench/compare_revisions.py --base-tree "$base" --rounds 1 --section gpu-before-after \
-          --keep-after --output "$report" -- bench/gpu_bench.py "${extra[@]}"
+          --output "$report" -- bench/gpu_bench.py "${short[@]}" "${extra[@]}"
       else echo "== $name skipped: no $base (make gpu-kit)" | tee -a "$OUT/log.txt"; failed+=("$name"); fi ;;
     prefill-chunks) step "$name" "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
       --repeats 2 --output "$report" ;;
-    eager) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile --no-cuda-graphs \
+    compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
+    eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \
       --section gpu-bench-eager --output "$report" ;;
-    graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --no-compile \
+    graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile \
       --section gpu-bench-graphs-only --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests before-after prefill-chunks eager graphs-only served)" \
+    *) echo "== unknown step $name (known: gpu-tests served before-after prefill-chunks compile eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done
