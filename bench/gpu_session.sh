@@ -7,6 +7,7 @@
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the targets
+#   profile         where a decode step's and a prefill's kernel time goes (decode-profile)
 #   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
 #   compile         how long torch.compile holds decoding up, on the real architecture
@@ -45,15 +46,17 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served before-after prefill-chunks compile eager graphs-only"
-else default_steps="gpu-tests served prefill-chunks compile eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served profile before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served profile compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
   compile_model=(--architecture tiny --device cpu --layers 2 --long-prompt-words 60)
+  profile_model=(--architecture tiny --device cpu --steps 3)
 else
   chunk_model=(--architecture glm4.1v-9b --device cuda)
   compile_model=(--architecture glm4.1v-9b --device cuda)
+  profile_model=(--architecture glm4.1v-9b --device cuda)
 fi
 short=(--concurrency 8 32 --decode-tokens 64)  # GPU_BENCH_ARGS, after these, may override them
 for name in $STEPS; do
@@ -67,12 +70,13 @@ for name in $STEPS; do
     prefill-chunks) step "$name" "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
       --repeats 2 --output "$report" ;;
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
+    profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --output "$report" ;;
     eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \
       --section gpu-bench-eager --output "$report" ;;
     graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile \
       --section gpu-bench-graphs-only --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served before-after prefill-chunks compile eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served profile before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

@@ -102,7 +102,8 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "benchmarks.md").read_text()
-    for section in ("gpu-bench", "gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks", "compile-time"):
+    sections = ["gpu-bench", "gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
+    for section in [*sections, "compile-time", "decode-profile"]:
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
@@ -199,3 +200,14 @@ def test_compile_bench_times_each_event_and_stays_compiled(tmp_path):
     events = [line for line in text.splitlines() if line.startswith("| ") and "event" not in line]
     assert len(events) == 5 and events[0].startswith("| first step: 1 row (compiles) |")
     assert all(float(line.strip("|").split("|")[1]) > 0 for line in events)
+
+
+def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
+    bench = _load("decode_profile")
+    output = tmp_path / "benchmarks.md"
+    assert bench.main(["--steps", "2", "--top", "5", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "**Decode step**" in text and "**Prefill of one 112x112 image" in text
+    assert "| matrix multiply |" in text and "| attention |" in text
+    shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in text.splitlines() if line.endswith("% |")]
+    assert shares and all(0 <= share <= 100 for share in shares)

@@ -1,0 +1,153 @@
+"""Where a decode step's device time goes, kernel by kernel: what to optimise next.
+
+The single-stream target is a fraction of the memory-bandwidth bound, so the question is
+which kernels read at less than full bandwidth, and how much time goes to kernels too small
+to matter for bandwidth at all. This profiles decode steps of the engine as served (compiled
+on a GPU) without CUDA graphs, so each kernel shows on its own (a replayed graph runs the same
+kernels, minus the launch gaps), and one prefill of an image prompt. Kernels are grouped into
+matrix multiplies, attention, fused Triton kernels and the rest; matrix multiplies are also
+given as read bandwidth (the text weights a step reads over their time).
+
+    python bench/decode_profile.py --architecture glm4.1v-9b --device cuda --output bench/results/benchmarks.md
+    python bench/decode_profile.py --architecture tiny             # CPU operators instead of kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import build_model, decode_weight_bytes
+from report import machine_name, publish
+
+from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams
+from glm4v_bento.engine.runner import ModelRunner
+
+SECTION = "decode-profile"
+GROUPS = [
+    ("matrix multiply", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|aten::(mm|addmm|linear|matmul|bmm)", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|efficient", re.I)),
+    ("fused (Triton)", re.compile(r"triton", re.I)),
+]
+
+
+def group_of(name: str) -> str:
+    return next((group for group, pattern in GROUPS if pattern.search(name)), "other")
+
+
+def kernel_times(prof, on_device: bool) -> dict[str, tuple[int, float]]:
+    """name -> (calls, self time in µs): device kernels on a GPU, operators on a CPU."""
+    times: dict[str, tuple[int, float]] = {}
+    for event in prof.key_averages():
+        if on_device:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            spent = event.self_device_time_total
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            spent = event.self_cpu_time_total
+        if spent > 0:
+            times[event.key] = (event.count, spent)
+    return times
+
+
+def profiled(device: torch.device, work) -> dict[str, tuple[int, float]]:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return kernel_times(prof, device.type == "cuda")
+
+
+def table(title: str, times: dict[str, tuple[int, float]], per: int, top: int, unit: str) -> list[str]:
+    """Groups, then the ``top`` kernels (or operators: ``unit``), each per step (``per`` steps were profiled)."""
+    total = sum(spent for _, spent in times.values()) or 1.0
+    groups: dict[str, float] = defaultdict(float)
+    for name, (_, spent) in times.items():
+        groups[group_of(name)] += spent
+    lines = [f"**{title}**: {total / per / 1000:.3f} ms of {unit} time per step.", ""]
+    lines += ["| group | µs per step | share |", "|---|---:|---:|"]
+    lines += [f"| {g} | {t / per:.1f} | {t / total:.0%} |" for g, t in sorted(groups.items(), key=lambda x: -x[1])]
+    lines += ["", f"| {unit} | calls per step | µs per step | share |", "|---|---:|---:|---:|"]
+    ranked = sorted(times.items(), key=lambda item: -item[1][1])[:top]
+    for name, (calls, spent) in ranked:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short.replace('|', '/')}` | {calls / per:.0f} | {spent / per:.1f} | {spent / total:.0%} |")
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--architecture", choices=["tiny", "glm4.1v-9b"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=1, help="running sequences in the profiled steps")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = build_model(tiny=args.architecture == "tiny", device=device, dtype=dtype)
+    builder = Engine(loaded, compile_decode=False, cuda_graphs=False)  # only to build prompts
+    try:
+        side = 112 if args.architecture == "tiny" else 1024
+        image = Image.new("RGB", (side, side), (120, 80, 200))
+        params = SamplingParams(max_new_tokens=8)
+        rows = [builder.prompts.build(GenerationRequest("describe " * 40, params=params)) for _ in range(args.rows)]
+        picture = builder.prompts.build(GenerationRequest("describe " * 50, images=[image], params=params))
+    finally:
+        builder.close()
+    # As served, but without CUDA graphs: each kernel then shows on its own.
+    runner = ModelRunner(loaded, max_rows=max(2, args.rows), cuda_graphs=False)
+
+    def prefill() -> None:
+        runner.prefill([picture])
+
+    prefill()  # warm-up
+    prefill_times = profiled(device, prefill)
+    prefilled, _ = runner.prefill(rows)
+    runner.join(prefilled)
+    tokens = [1] * args.rows
+    for _ in range(3):  # compiles, where it is compiled
+        runner.decode(tokens)
+
+    def decode() -> None:
+        for _ in range(args.steps):
+            runner.decode(tokens)
+
+    decode_times = profiled(device, decode)
+    matmul_us = sum(t for name, (_, t) in decode_times.items() if group_of(name) == "matrix multiply") / args.steps
+    read = decode_weight_bytes(loaded.model)
+    how = "compiled" if runner.decode_path()["compiled"] else "eager"
+    unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
+    lines = [
+        f"<!-- {SECTION}:start -->",
+        "## Where a decode step's time goes",
+        "",
+        f"`bench/decode_profile.py`, {date.today().isoformat()}, {machine_name()}, torch {torch.__version__}; "
+        f"{loaded.model_id}, {str(dtype)[6:]}; {args.rows} running row(s), {how}, no CUDA graphs; "
+        f"{args.steps} steps profiled. Matrix multiplies read the {read / 1e9:.2f} GB of text weights at "
+        f"{read / (matmul_us / 1e6) / 1e9:.0f} GB/s.",
+        "",
+        *table("Decode step", decode_times, args.steps, args.top, unit),
+        *table(f"Prefill of one {side}x{side} image + 50 words", prefill_times, 1, args.top, unit),
+        f"<!-- {SECTION}:end -->",
+    ]
+    publish("\n".join(lines) + "\n", args.output, SECTION)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
