@@ -51,10 +51,10 @@ def measure(loaded, short: list, long) -> tuple[list[tuple[str, float]], bool]:
         runner.join(prefilled)
 
     join(short[:1])
-    rows.append(("first step: 1 row (compiles)", timed_step(runner, [1])))
+    rows.append(("first step: 1 row (compiles for one row)", timed_step(runner, [1])))
     rows.append(("next step, 1 row", timed_step(runner, [1])))
     join(short[1:])
-    rows.append(("the batch grows to 4 rows", timed_step(runner, [1] * 4)))
+    rows.append(("the batch grows to 4 rows (compiles for batches)", timed_step(runner, [1] * 4)))
     join([long])
     rows.append((f"a long prompt joins ({runner.cache.width + 1} columns)", timed_step(runner, [1] * 5)))
     rows.append(("next step, 5 rows", timed_step(runner, [1] * 5)))

@@ -107,9 +107,9 @@ class ModelHost:
 
     def _warm_up(self, engine: Engine) -> None:
         """One short generation with an image, so the first real request pays no start-up costs.
-        Where decode steps are compiled, also a few steps over a long context: torch.compile
-        may compile again when the context length crosses a size (on an H200 it did, between
-        1792 and 256 columns), and that stalls every stream, so it is done before ready."""
+        Where decode steps are compiled, also a few steps of two rows over a long context: one
+        row and batches are compiled apart, and a compilation stalls every stream (on an H200
+        one also came when the context length changed), so they are done before ready."""
         started = time.perf_counter()
         params = SamplingParams(max_new_tokens=self.settings.warmup_tokens, ignore_eos=True)
         image = Image.new("RGB", (112, 112), (128, 128, 128))
@@ -124,8 +124,8 @@ class ModelHost:
         """Not fatal when it fails: it only moves a possible compilation out of serving time."""
         params = SamplingParams(max_new_tokens=min(4, self.settings.warmup_tokens), ignore_eos=True)
         try:
-            [result] = engine.generate([GenerationRequest("the " * LONG_WARMUP_WORDS, params=params)])
-            error = result.error if result.finish_reason == "error" else None
+            results = engine.generate([GenerationRequest("the " * LONG_WARMUP_WORDS, params=params) for _ in range(2)])
+            error = next((result.error for result in results if result.finish_reason == "error"), None)
         except PromptError as exc:
             error = str(exc)
         if error:

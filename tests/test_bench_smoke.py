@@ -198,7 +198,7 @@ def test_compile_bench_times_each_event_and_stays_compiled(tmp_path):
     text = output.read_text()
     assert "Still compiled at the end: yes" in text
     events = [line for line in text.splitlines() if line.startswith("| ") and "event" not in line]
-    assert len(events) == 5 and events[0].startswith("| first step: 1 row (compiles) |")
+    assert len(events) == 5 and events[0].startswith("| first step: 1 row (compiles for one row) |")
     assert all(float(line.strip("|").split("|")[1]) > 0 for line in events)
 
 

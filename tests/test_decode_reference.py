@@ -208,20 +208,16 @@ def test_decode_is_exact_whatever_attention_kernel_prefill_uses(tiny_model_dir, 
     assert loaded.model.config.text_config._attn_implementation == attention
 
 
-def test_one_compilation_serves_every_batch_size_and_cache_length(loaded_model, engine, prompts, references):
+def test_one_compilation_serves_every_batch_size_and_cache_length(loaded_model, engine, prompts, references, caplog):
     """Rows come and go and the cache outgrows its first buffers: the compiled step is not redone
-    (on a GPU each compilation stalls decoding for a minute or more)."""
-    from torch._dynamo.utils import counters
-
+    (on a GPU each compilation stalls decoding). One row and batches are compiled once each."""
     steps = 530
     long_prompt = engine.prompts.build(GenerationRequest("Go on.", params=SamplingParams(max_new_tokens=steps)))
     long_reference = Reference(loaded_model, long_prompt, steps)
     runner = ModelRunner(loaded_model, max_rows=8, compile_decode=True)
     prefilled, _ = runner.prefill([long_prompt])
     runner.join(prefilled)
-    long_reference.check(1, runner.decode([long_reference.tokens[0]])[0])  # compiles (unless an earlier test did)
-    compiled_before = counters["stats"]["unique_graphs"]
-    for step in range(2, steps):
+    for step in range(1, steps):
         tokens = [long_reference.tokens[step - 1]]
         if step == 100:  # two more rows join for a while
             prefilled, _ = runner.prefill(prompts[:2])
@@ -233,8 +229,8 @@ def test_one_compilation_serves_every_batch_size_and_cache_length(loaded_model, 
         logits = runner.decode(tokens)
         long_reference.check(step, logits[0])
     assert runner.cache.row_capacity >= 3 and runner.cache.column_capacity > 530
-    assert runner.compiled.enabled and runner.compiled.checked
-    assert counters["stats"]["unique_graphs"] == compiled_before
+    assert runner.compiled.enabled and runner.compiled.compilations == 2  # one row, then batches
+    assert "compiled again" not in caplog.text
 
 
 @pytest.mark.parametrize("failure", ["raises", "wrong", "wrong after a recompilation"])

@@ -70,12 +70,13 @@ def test_a_model_that_cannot_load_makes_the_host_unhealthy(tmp_path):
 
 
 def test_where_decode_is_compiled_the_warm_up_also_decodes_over_a_long_context(tiny_model_dir):
-    """So that a compilation a long context may need happens before ready, not in a request."""
+    """So that the compilations decoding needs (one row, batches, a long context) happen before
+    ready, not in a request."""
     compiled = host_for(str(tiny_model_dir), compile_decode=True)
     try:
         assert compiled.wait_ready(300), compiled.error
         runner = compiled.engine.runner
-        assert runner.compiled.checked and runner.compiled.enabled
+        assert runner.compiled.enabled and runner.compiled.compilations == 2  # one row, and batches
         assert runner.cache.column_capacity > 1024  # its steps ran over the long prompt
     finally:
         compiled.close()

@@ -10,13 +10,17 @@ takes as inputs. What comes before the layers (embedding, rotary embedding, mask
 them (norm, output head) is compiled as two more small parts. Compiling the whole step at once
 took 210 s on an H200 for GLM-4.1V-9B's 40 layers, and again about as long whenever a new
 shape made it compile again, stalling every stream meanwhile (docs/benchmarks.md). Shapes are
-compiled as dynamic, so one compilation serves every batch size and cache length (the one-row
-case is never compiled: callers pad it to two rows), and without "duck sizing": two sizes that
-happen to be equal when it compiles (two rows, two KV heads) are not assumed to stay equal.
+compiled as dynamic, so one compilation serves every batch of two rows or more and every cache
+length, and without "duck sizing": two sizes that happen to be equal when it compiles (two
+rows, two KV heads) are not assumed to stay equal. One row gets a compilation of its own
+(torch.compile always treats a size of one apart): a single stream's steps. There, with
+coordinate-descent tuning, Inductor turns each matrix multiply into a reduction of its own,
+which is how PyTorch's own notes say its matrix-vector products reach peak bandwidth (the GPU
+figure for it is still owed).
 
-The first compiled step, and any step that made torch.compile compile again, is checked
-against the eager step; a compilation that fails or disagrees turns compilation off for the
-process (with a warning) and decoding goes on eagerly.
+The first compiled step of each kind (one row, batches), and any step that made torch.compile
+compile again, is checked against the eager step; a compilation that fails or disagrees turns
+compilation off for the process (with a warning) and decoding goes on eagerly.
 """
 
 from __future__ import annotations
@@ -69,13 +73,19 @@ def decode_layer(
     return layer(hidden, position_embeddings=(cos, sin), attention_mask=mask, cache=cache)
 
 
+# One row's matrix multiplies (every one of a single stream's steps) are lowered by Inductor to
+# reductions of its own, which need this tuning to read the weights at full bandwidth; kernels
+# for a row or two from a library's GEMM read them well below it.
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+
+
 class CompiledStep:
     def __init__(self, forward: PartedForward, parts: DecodeParts) -> None:
         self.eager: Forward = lambda rows, columns: forward(rows, columns, parts)
         compiled_parts = DecodeParts(
-            begin=torch.compile(parts.begin, dynamic=True),
-            layer=torch.compile(parts.layer, dynamic=True),
-            end=torch.compile(parts.end, dynamic=True),
+            begin=torch.compile(parts.begin, dynamic=True, options=COMPILE_OPTIONS),
+            layer=torch.compile(parts.layer, dynamic=True, options=COMPILE_OPTIONS),
+            end=torch.compile(parts.end, dynamic=True, options=COMPILE_OPTIONS),
         )
 
         def compiled(rows: int, columns: int) -> torch.Tensor:
@@ -84,15 +94,20 @@ class CompiledStep:
 
         self.compiled: Forward = compiled
         self.enabled = True
-        self.checked = False
-        self.compilations = 0  # the first and each one after it, with the seconds they took
+        self._checked: set[str] = set()  # the variants compiled and checked: one row, batches
+        self.compilations = 0  # each one, expected or not, with the seconds they took
         self.compile_seconds = 0.0
+
+    @property
+    def checked(self) -> bool:
+        return bool(self._checked)
 
     def __call__(self, rows: int, columns: int) -> torch.Tensor:
         if not self.enabled:
             return self.eager(rows, columns)
-        if not self.checked:
-            return self._checked_call(rows, columns, "compiling the decode step's layer with torch.compile ...")
+        variant = "one row" if rows == 1 else "batches"
+        if variant not in self._checked:
+            return self._checked_call(rows, columns, variant)
         compilations = _compilations()
         started = time.perf_counter()
         logits = self.compiled(rows, columns)
@@ -109,9 +124,9 @@ class CompiledStep:
                 return self._turn_off(reference, "the recompiled decode step disagreed with the eager step")
         return logits
 
-    def _checked_call(self, rows: int, columns: int, note: str) -> torch.Tensor:
+    def _checked_call(self, rows: int, columns: int, variant: str) -> torch.Tensor:
         reference = self.eager(rows, columns).clone()
-        logger.info(note)
+        logger.info("compiling the decode step for %s with torch.compile ...", variant)
         started = time.perf_counter()
         try:
             logits = self.compiled(rows, columns)
@@ -121,8 +136,8 @@ class CompiledStep:
         if not same_logits(logits, reference):
             return self._turn_off(reference, "the compiled decode step disagreed with the eager step")
         self._count(started)
-        logger.info("compiled the decode step in %.1f s", time.perf_counter() - started)
-        self.checked = True
+        logger.info("compiled the decode step for %s in %.1f s", variant, time.perf_counter() - started)
+        self._checked.add(variant)
         return logits
 
     def _count(self, started: float) -> None:

@@ -35,8 +35,8 @@ MAX_GRAPHS = 128
 
 
 def row_bucket(rows: int, capacity: int) -> int:
-    """A power of two, at least 2: a compiled step is specialised for exactly one row."""
-    return min(capacity, max(2, 1 << (rows - 1).bit_length()))
+    """A power of two (one row is a bucket of its own: a compiled step has kernels for it)."""
+    return min(capacity, 1 << (rows - 1).bit_length())
 
 
 def column_bucket(columns: int, capacity: int) -> int:
@@ -74,7 +74,7 @@ class DecodeGraphs:
         graph = self._graphs.get(key)
         if graph is None:
             if not self.enabled or len(self._graphs) >= MAX_GRAPHS:
-                return self.step(key[0], columns)[:rows]  # bucketed rows still: never one compiled row
+                return self.step(key[0], columns)[:rows]
             return self._capture(key, rows, columns)
         replay, logits = graph
         replay()

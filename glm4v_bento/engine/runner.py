@@ -185,12 +185,8 @@ class ModelRunner:
         # captured on the current device's streams, so it must be the model's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             columns = self.cache.prepare_step(tokens)
-            if self.graphs is not None:
-                logits = self.graphs.run(rows, columns)
-            elif self.compiled is not None:  # never one row: that shape would be compiled a second time
-                logits = self._step(min(max(rows, 2), self.cache.row_capacity), columns)[:rows]
-            else:
-                logits = self._forward(rows, columns)
+            step = self.graphs.run if self.graphs is not None else self.compiled or self._forward
+            logits = step(rows, columns)
             self.cache.finish_step()
         return logits.to(self.device)  # a model spread over devices ends on its last one
 
