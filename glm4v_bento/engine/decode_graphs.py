@@ -30,7 +30,7 @@ Forward = Callable[[int, int], torch.Tensor]
 Capture = Callable[[Callable[[], torch.Tensor], int], tuple[Callable[[], None], torch.Tensor]]
 
 # Each graph keeps its logits buffer (up to 64 rows x 151552 x 2 bytes: 19 MB); past this
-# many, new buckets run without a graph. About 6 row buckets x 20 column buckets up to 16k.
+# many, new buckets run without a graph. About 7 row buckets x 20 column buckets up to 16k.
 MAX_GRAPHS = 128
 
 
