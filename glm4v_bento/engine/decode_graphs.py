@@ -29,9 +29,10 @@ Forward = Callable[[int, int], torch.Tensor]
 # The int names a memory pool: graphs captured with the same one share their scratch memory.
 Capture = Callable[[Callable[[], torch.Tensor], int], tuple[Callable[[], None], torch.Tensor]]
 
-# Each graph keeps its logits buffer (up to 64 rows x 151552 x 2 bytes: 19 MB); past this
-# many, new buckets run without a graph. About 7 row buckets x 20 column buckets up to 16k.
-MAX_GRAPHS = 128
+# Each graph keeps its logits buffer (up to 64 rows x 151552 x 2 bytes: 19 MB; about 0.8 GB
+# for all the buckets below); past this many, new buckets run without a graph. 7 row buckets
+# (1 to 64) x 20 column buckets cover contexts up to 16k.
+MAX_GRAPHS = 140
 
 
 def row_bucket(rows: int, capacity: int) -> int:
