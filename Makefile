@@ -24,7 +24,7 @@ help:
 	@echo "make bench      engine, scheduler, service, decode-step, upload, prefill-chunk, step-overhead and compile-time benchmarks on the tiny model -> docs/benchmarks.md"
 	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
 	@echo "make gpu-bench  on a CUDA host: the real architecture, random bf16 weights -> docs/benchmarks.md"
-	@echo "make gpu-compare  on a CUDA host: the engine before the GPU work vs now, prefill chunks, eager, no compile"
+	@echo "make gpu-compare  on a CUDA host: GPU-only tests, the served engine, a kernel profile, before vs now, compile time, prefill chunks, eager, no compile"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"
 
@@ -79,8 +79,9 @@ bench: $(TINY)/config.json
 gpu-bench: $(BIN)/.installed
 	$(BIN)/python bench/gpu_bench.py --output docs/benchmarks.md
 
-# On a CUDA host: the GPU benchmark with and without CUDA graphs, and the engine before the GPU
-# work ($(GPU_BASE)) vs now -> bench/results/benchmarks.md. For a machine without this repo's
+# On a CUDA host: the steps of bench/gpu_session.sh (GPU-only tests, the GPU benchmark as served,
+# with and without compile and CUDA graphs, a kernel profile, compile time, and the engine before
+# the GPU work ($(GPU_BASE)) vs now) -> bench/results/benchmarks.md. For a machine without this repo's
 # packages or git (the device tool's), `make gpu-kit` here puts wheels for Python 3.12 in .whl/
 # and the older engine in .base/; there, `bash bench/gpu_session.sh` runs the same steps.
 GPU_BASE ?= 904f9a2
