@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import build_model
 from report import machine_name, publish
 
-from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams
+from glm4v_bento.engine import GenerationRequest, SamplingParams
+from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
 
 SECTION = "compile-time"
@@ -73,16 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = build_model(tiny=args.architecture == "tiny", device=device, dtype=dtype, layers=args.layers)
-    builder = Engine(loaded, compile_decode=False, cuda_graphs=False)  # only to build prompts
-    try:
+    prompts = PromptBuilder(loaded.processor, max_images=1)
 
-        def prompt(text: str):
-            return builder.prompts.build(GenerationRequest(text, params=SamplingParams(max_new_tokens=8)))
+    def prompt(text: str):
+        return prompts.build(GenerationRequest(text, params=SamplingParams(max_new_tokens=8)))
 
-        short = [prompt(f"question {i}: what is in the picture?") for i in range(4)]
-        long = prompt("describe " * args.long_prompt_words)
-    finally:
-        builder.close()
+    short = [prompt(f"question {i}: what is in the picture?") for i in range(4)]
+    long = prompt("describe " * args.long_prompt_words)
     # Cold starts, as in a fresh container: no compiled code kept from an earlier run.
     with compiler_config.patch(force_disable_caches=True):
         rows, compiled = measure(loaded, short, long)

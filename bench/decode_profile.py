@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import build_model, decode_weight_bytes
 from report import machine_name, publish
 
-from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams
+from glm4v_bento.engine import GenerationRequest, SamplingParams
+from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
 
 SECTION = "decode-profile"
@@ -100,15 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = build_model(tiny=args.architecture == "tiny", device=device, dtype=dtype)
-    builder = Engine(loaded, compile_decode=False, cuda_graphs=False)  # only to build prompts
-    try:
-        side = 112 if args.architecture == "tiny" else 1024
-        image = Image.new("RGB", (side, side), (120, 80, 200))
-        params = SamplingParams(max_new_tokens=8)
-        rows = [builder.prompts.build(GenerationRequest("describe " * 40, params=params)) for _ in range(args.rows)]
-        picture = builder.prompts.build(GenerationRequest("describe " * 50, images=[image], params=params))
-    finally:
-        builder.close()
+    prompts = PromptBuilder(loaded.processor, max_images=1)
+    side = 112 if args.architecture == "tiny" else 1024
+    image = Image.new("RGB", (side, side), (120, 80, 200))
+    params = SamplingParams(max_new_tokens=8)
+    rows = [prompts.build(GenerationRequest("describe " * 40, params=params)) for _ in range(args.rows)]
+    picture = prompts.build(GenerationRequest("describe " * 50, images=[image], params=params))
     # As served, but without CUDA graphs: each kernel then shows on its own.
     runner = ModelRunner(loaded, max_rows=max(2, args.rows), cuda_graphs=False)
 
