@@ -31,7 +31,7 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Any) -> None:
-        self._decode = _fast_decoder(tokenizer)
+        self.decode = _fast_decoder(tokenizer)  # ids -> text, special tokens kept
         self._ids: list[int] = []
         self._prefix_offset = 0  # start of a short window that gives the decoder context
         self._read_offset = 0  # tokens before this are already released
@@ -44,8 +44,8 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        released = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        window = self._decode(self._ids[self._prefix_offset :])
+        released = self.decode(self._ids[self._prefix_offset : self._read_offset])
+        window = self.decode(self._ids[self._prefix_offset :])
         if len(window) > len(released) and (final or not window.endswith("\ufffd")):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
             return window[len(released) :]
@@ -85,7 +85,6 @@ class Sequence:
         self.text = ""
         self.finish_reason: FinishReason | None = None
         self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._decode_one = _fast_decoder(tokenizer)
         self.logprobs: list[TokenLogprob] = []  # one per output token, when the request asks
         self._logprobs_taken = 0
         self._stop_scan_from = 0
@@ -122,9 +121,10 @@ class Sequence:
 
     def add_logprobs(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]]) -> None:
         """The log-probabilities at the place of the token about to be appended."""
-        top = [TopLogprob(token_id=i, token=self._decode_one([i]), logprob=lp) for i, lp in alternatives]
+        decode = self._detokenizer.decode
+        top = [TopLogprob(token_id=i, token=decode([i]), logprob=lp) for i, lp in alternatives]
         self.logprobs.append(
-            TokenLogprob(token_id=token_id, token=self._decode_one([token_id]), logprob=logprob, top_logprobs=top)
+            TokenLogprob(token_id=token_id, token=decode([token_id]), logprob=logprob, top_logprobs=top)
         )
 
     def take_logprobs(self) -> list[TokenLogprob]:
