@@ -92,7 +92,6 @@ class ModelRunner:
         self.compiled: CompiledStep | None = None
         if compile_decode if compile_decode is not None else one_gpu:
             self.compiled = CompiledStep(self._forward, self._eager_parts)
-        self._step: Forward = self.compiled or self._forward
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and one_gpu:
             self.use_graphs(cuda_capture())
@@ -101,6 +100,11 @@ class ModelRunner:
         """Decode through graphs recorded by ``capture`` (the CUDA one, or a stand-in in tests)."""
         self.graphs = DecodeGraphs(self.cache, self._step, self._forward, capture)
         return self.graphs
+
+    @property
+    def _step(self) -> Forward:
+        """A decode step as it runs without graphs (and as graphs record it): compiled, or as it is."""
+        return self.compiled or self._forward
 
     @property
     def rows(self) -> int:
@@ -185,7 +189,7 @@ class ModelRunner:
         # captured on the current device's streams, so it must be the model's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             columns = self.cache.prepare_step(tokens)
-            step = self.graphs.run if self.graphs is not None else self.compiled or self._forward
+            step = self.graphs.run if self.graphs is not None else self._step
             logits = step(rows, columns)
             self.cache.finish_step()
         return logits.to(self.device)  # a model spread over devices ends on its last one
