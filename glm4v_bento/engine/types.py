@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,17 +14,23 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 ErrorType = Literal["invalid_request", "internal"]
 
 
+# Each sampling field's bounds, the same for a request's values and for the model's defaults.
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+
+
 class SamplingDefaults(BaseModel):
     """What a request's unset sampling fields become: the model's own recommendation (its
     generation_config), or greedy decoding where it has none."""
 
     model_config = ConfigDict(frozen=True)
 
-    # The bounds a request's own values must keep (SamplingParams).
-    temperature: float = Field(0.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0: greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0: no top-k.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    temperature: Temperature = Field(0.0, allow_inf_nan=False, description="0: greedy.")
+    top_p: TopP = 1.0
+    top_k: TopK = Field(0, description="0: no top-k.")
+    repetition_penalty: RepetitionPenalty = Field(1.0, allow_inf_nan=False)
 
 
 class SamplingParams(BaseModel):
@@ -36,13 +42,13 @@ class SamplingParams(BaseModel):
     max_new_tokens: int | None = Field(
         None, ge=1, description="Tokens to generate at most; default: the server's, within the context."
     )
-    temperature: float | None = Field(
-        None, ge=0.0, le=100.0, description="0 is greedy; default: the model's (greedy unless its config samples)."
+    temperature: Temperature | None = Field(
+        None, description="0 is greedy; default: the model's (greedy unless its config samples)."
     )
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default: the model's (1.0 unless it says).")
-    top_k: int | None = Field(None, ge=0, description="0 disables top-k; default: the model's (0 unless it says).")
-    repetition_penalty: float | None = Field(
-        None, gt=0.0, le=10.0, description="Default: the model's (1.0, none, unless it says)."
+    top_p: TopP | None = Field(None, description="Default: the model's (1.0 unless it says).")
+    top_k: TopK | None = Field(None, description="0 disables top-k; default: the model's (0 unless it says).")
+    repetition_penalty: RepetitionPenalty | None = Field(
+        None, description="Default: the model's (1.0, none, unless it says)."
     )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers the logit of every token generated so far, once."
