@@ -91,6 +91,12 @@ def describe_decode(runner) -> str:
     how = "compiled (torch.compile)" if path["compiled"] else "eager"
     if runner.compiled is not None and not path["compiled"]:
         how = "eager: compilation failed or disagreed (see log)"
+    layers, fused = len(runner.model.model.language_model.layers), path["fused_qkv_layers"]
+    if fused == 0:
+        how += ", queries, keys and values in three matrix multiplies"
+    else:
+        how += ", queries-keys-values in one matrix multiply"
+        how += "" if fused == layers else f" in {fused} of {layers} layers"
     if runner.graphs is None:
         return f"{how}, no CUDA graphs"
     if path["cuda_graphs"]:
@@ -152,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch.compile the decode step (default: on CUDA only, as the server does)",
     )
+    parser.add_argument(
+        "--fused-qkv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one matrix multiply for queries, keys and values (--no-fused-qkv: three, as transformers)",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
     args = parser.parse_args(argv)
@@ -170,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# building the model on {device} ...", file=sys.stderr, flush=True)
     loaded = build_model(args.tiny, device, dtype)
     limits = SchedulerLimits(max_running=max(args.concurrency), max_batch_tokens=10**9)
-    engine = Engine(loaded, limits=limits, cuda_graphs=args.cuda_graphs, compile_decode=args.compile)
+    engine = Engine(
+        loaded, limits=limits, cuda_graphs=args.cuda_graphs, compile_decode=args.compile, fuse_qkv=args.fused_qkv
+    )
     try:
         engine.generate([request(50, 4, image)])  # warm-up
         if device.type == "cuda":

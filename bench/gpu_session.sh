@@ -8,6 +8,7 @@
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the issue's targets
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile)
+#   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
 #   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
 #   compile         how long torch.compile holds decoding up, on the real architecture
@@ -46,8 +47,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served profile before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served profile compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served profile unfused-qkv before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served profile unfused-qkv compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -75,8 +76,10 @@ for name in $STEPS; do
       --section gpu-bench-eager --output "$report" ;;
     graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile \
       --section gpu-bench-graphs-only --output "$report" ;;
+    unfused-qkv) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
+      --no-fused-qkv --section gpu-bench-unfused-qkv --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served profile before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served profile unfused-qkv before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

@@ -30,6 +30,7 @@ class Engine:
         compile_decode: bool | None = None,
         prefill_chunk_tokens: int | None = None,
         sampling_defaults: SamplingDefaults | None = None,
+        fuse_qkv: bool = True,
     ) -> None:
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
@@ -43,6 +44,7 @@ class Engine:
             cuda_graphs=cuda_graphs,
             compile_decode=compile_decode,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            fuse_qkv=fuse_qkv,
         )
         self.scheduler = Scheduler(
             self.runner,

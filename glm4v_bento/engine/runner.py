@@ -7,8 +7,9 @@ Prefill runs the vision encoder once per admitted group, then the language model
 prompt, in chunks of at most ``prefill_chunk_tokens`` (the scheduler decodes the running batch
 between two chunks, so a long prompt does not stall it), and hands the keys and values to the
 running batch's static cache. A decode step runs the language
-model's own layers over that cache; on a single CUDA device each layer is compiled with
-torch.compile and the step replayed from CUDA graphs.
+model's own layers over that cache, with queries, keys and values projected by one matrix
+multiply; on a single CUDA device each layer is compiled with torch.compile and the step
+replayed from CUDA graphs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from glm4v_bento.engine import decode_attention
+from glm4v_bento.engine import decode_attention, fused_qkv
 from glm4v_bento.engine.compiled_step import CompiledStep, DecodeParts, decode_layer
 from glm4v_bento.engine.decode_graphs import Capture, DecodeGraphs, Forward, cuda_capture
 from glm4v_bento.engine.kv_cache import StaticKVCache
@@ -71,10 +72,13 @@ class ModelRunner:
         cuda_graphs: bool = True,
         compile_decode: bool | None = None,
         prefill_chunk_tokens: int | None = None,
+        fuse_qkv: bool = True,
     ) -> None:
         """``compile_decode``: torch.compile the decode step (None: on a single CUDA device only).
         ``prefill_chunk_tokens``: the most prompt columns one prefill step runs (0: all; None:
-        AUTO_PREFILL_CHUNK_TOKENS on CUDA, all elsewhere)."""
+        AUTO_PREFILL_CHUNK_TOKENS on CUDA, all elsewhere). ``fuse_qkv``: decode with one matrix
+        multiply for queries, keys and values (``fused_qkv``; False, to measure it, leaves a model
+        fused by an earlier runner as it is)."""
         self.loaded = loaded
         self.model = loaded.model
         self.device = _with_index(loaded.device)
@@ -84,6 +88,8 @@ class ModelRunner:
         self._text_model = self.model.model.language_model
         # The checkpoint's vocabulary is padded past the tokenizer; those ids are never text.
         self._vocab_limit = len(loaded.tokenizer)
+        if fuse_qkv:
+            fused_qkv.fuse_qkv(self._text_model)
         self.cache = StaticKVCache(
             self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype, max_rows=max_rows
         )
@@ -116,6 +122,7 @@ class ModelRunner:
             "compiled": self.compiled is not None and self.compiled.enabled,
             "cuda_graphs": self.graphs is not None and self.graphs.enabled,
             "cuda_graphs_captured": self.graphs.captured if self.graphs is not None else 0,
+            "fused_qkv_layers": fused_qkv.fused_layers(self._text_model),
         }
 
     def prefill(self, prompts: list[PreparedPrompt]) -> tuple[Prefilled, torch.Tensor]:

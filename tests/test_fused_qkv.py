@@ -1,0 +1,122 @@
+"""Decode steps project queries, keys and values with one matrix multiply over the layer's own
+weights; what they compute is checked against transformers' generate in test_decode_reference."""
+
+from __future__ import annotations
+
+import torch
+from test_decode_reference import REQUESTS, STEPS, Reference, decode_alone
+
+from glm4v_bento.engine import load_model
+from glm4v_bento.engine.fused_qkv import FusedQKVAttention, fuse_qkv
+from glm4v_bento.engine.runner import ModelRunner
+
+
+def _storage_bytes(module: torch.nn.Module) -> int:
+    """Bytes of distinct memory behind a module's parameters and buffers."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in module.state_dict().values()}
+    return sum(storages.values())
+
+
+def test_fusing_keeps_the_weights_and_adds_no_memory(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), device="cpu").model
+    text = model.model.language_model
+    attention = text.layers[0].self_attn
+    before = [p.detach().clone() for p in (attention.q_proj.weight, attention.k_proj.bias, attention.v_proj.weight)]
+    memory = _storage_bytes(model)
+
+    assert fuse_qkv(text) == len(text.layers)
+
+    assert isinstance(attention, FusedQKVAttention)
+    after = (attention.q_proj.weight, attention.k_proj.bias, attention.v_proj.weight)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    # The projections are views into the joined tensors, not copies beside them.
+    assert attention.q_proj.weight.data_ptr() == attention.qkv_weight.data_ptr()
+    assert attention.v_proj.weight.untyped_storage().data_ptr() == attention.qkv_weight.untyped_storage().data_ptr()
+    assert _storage_bytes(model) == memory
+    assert fuse_qkv(text) == 0  # fused once only
+
+
+def test_weights_not_in_memory_are_left_alone(tiny_model_dir):
+    """Offloaded layers' weights are on the meta device until accelerate brings them to run."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    text = loaded.model.model.language_model
+    text.layers[0].self_attn.to("meta")
+    assert fuse_qkv(text) == len(text.layers) - 1
+    assert type(text.layers[0].self_attn) is not FusedQKVAttention
+
+
+def test_decode_steps_take_the_fused_projection(tiny_model_dir, engine, monkeypatch):
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    prompt = engine.prompts.build(REQUESTS[0])
+    reference = Reference(loaded, prompt)  # before fusing: transformers' three projections
+    calls = []
+    fused_forward = FusedQKVAttention.decode_forward
+
+    def counted(self, *args):
+        calls.append(self.layer_idx)
+        return fused_forward(self, *args)
+
+    monkeypatch.setattr(FusedQKVAttention, "decode_forward", counted)
+    runner = ModelRunner(loaded, max_rows=2)
+    decode_alone(runner, prompt, reference)  # each step's logits against generate's
+
+    layers = len(loaded.model.model.language_model.layers)
+    assert calls == list(range(layers)) * (STEPS - 1)  # every layer of every decode step, not the prefill
+
+
+def test_without_fusing_the_model_is_left_as_it_is(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    ModelRunner(loaded, max_rows=2, fuse_qkv=False)
+    assert not any(isinstance(layer.self_attn, FusedQKVAttention) for layer in loaded.model.model.language_model.layers)
+
+
+def test_a_compiled_one_row_step_leaves_no_weight_to_the_gemm_library(tiny_model_dir, monkeypatch):
+    """What a single stream's speed on a GPU rests on. Traced as torch.compile traces a decoder
+    layer of a one-row step on a CUDA device (Inductor's decompositions, its tuning on), each
+    multiply by a weight (queries-keys-values, output, MLP up and down) is a reduction that
+    Inductor generates and tunes, none a GEMM library call (mm, addmm). Fake tensors: no GPU
+    needed. Attention's batched multiplies over the cache are not weights and stay."""
+    from collections import Counter
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from transformers import AutoConfig
+    from transformers.models.glm4v import modeling_glm4v
+
+    from glm4v_bento.engine.compiled_step import COMPILE_OPTIONS, decode_layer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir).text_config
+    config._attn_implementation = "sdpa"
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim, columns = config.hidden_size // heads, 64
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as while torch.compile traces
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with FakeTensorMode(), torch.device("cuda"), inductor_config.patch(COMPILE_OPTIONS):
+            text = modeling_glm4v.Glm4vTextModel(config)
+            fuse_qkv(text)
+            hidden = torch.zeros(1, 1, config.hidden_size)
+            cos, sin = text.rotary_emb(hidden, position_ids=torch.zeros(3, 1, 1, dtype=torch.long))
+            keys = torch.zeros(2, kv_heads, columns + 1, head_dim)
+            inputs = (hidden, cos, sin, torch.zeros(1, 1, 1, columns), keys, torch.zeros_like(keys))
+            indices = (torch.arange(2), torch.zeros(2, dtype=torch.long))  # rows, write column
+            graph = make_fx(
+                lambda *tensors: decode_layer(text.layers[0], *tensors),
+                decomposition_table=select_decomp_table(),
+                tracing_mode="fake",
+            )(*inputs, *indices)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+    ops = Counter(node.target for node in graph.graph.nodes if node.op == "call_function")
+    assert ops[torch.ops.aten.mm.default] == 0 and ops[torch.ops.aten.addmm.default] == 0
+    # One reduction over a weight per projection: queries-keys-values together, output, up, down.
+    weight_sums = [
+        node
+        for node in graph.graph.nodes
+        if node.target == torch.ops.aten.sum.dim_IntList and node.args[0].meta["val"].dim() == 3
+    ]
+    assert len(weight_sums) == 4
