@@ -18,6 +18,7 @@ device copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -31,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import cpu_name, publish
 
-from glm4v_bento.engine import Engine, GenerationRequest, LoadedModel, SamplingParams, SchedulerLimits
+from glm4v_bento.engine import Engine, GenerationRequest, LoadedModel, SamplingParams, SchedulerLimits, compiled_step
 from glm4v_bento.tiny import EOS_TOKENS, build_config, build_processor, build_tokenizer
 
 # GLM-4.1V-9B-Thinking's published configuration (shared/design.md).
@@ -164,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="one matrix multiply for queries, keys and values (--no-fused-qkv: three, as transformers)",
     )
+    parser.add_argument(
+        "--compile-option",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="override one of the engine's torch.compile options, e.g. coordinate_descent_tuning=false "
+        "(a one-row step's matrix multiplies then stay GEMM library calls)",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
     args = parser.parse_args(argv)
@@ -171,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="# %(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("glm4v_bento").setLevel(logging.INFO)
 
+    for option in args.compile_option:  # read when the engine's step is compiled, below
+        name, _, value = option.partition("=")
+        compiled_step.COMPILE_OPTIONS[name] = json.loads(value)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if not args.tiny and device.type != "cuda":
         print("error: the full benchmark needs a CUDA device (use --tiny on a CPU)", file=sys.stderr)
@@ -202,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     decode_mode = describe_decode(engine.runner)
     compiled = engine.runner.compiled
     compile_note = (
-        f" (torch.compile: {compiled.compilations} compilation(s), {compiled.compile_seconds:.0f} s in all)"
+        f" (torch.compile: {compiled.compilations} compilation(s), {compiled.compile_seconds:.0f} s in all; "
+        f"options {json.dumps(compiled_step.COMPILE_OPTIONS)})"
         if compiled is not None and compiled.compilations
         else ""
     )
