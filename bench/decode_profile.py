@@ -5,8 +5,10 @@ which kernels read at less than full bandwidth, and how much time goes to kernel
 to matter for bandwidth at all. This profiles decode steps of the engine as served (compiled
 on a GPU) without CUDA graphs, so each kernel shows on its own (a replayed graph runs the same
 kernels, minus the launch gaps), and one prefill of an image prompt. Kernels are grouped into
-matrix multiplies, attention, fused Triton kernels and the rest; matrix multiplies are also
-given as read bandwidth (the text weights a step reads over their time).
+matrix multiplies (library calls, and the reductions Inductor generates for one row: Triton
+kernels named after the ``mm`` they replace), attention, other fused Triton kernels and the
+rest; matrix multiplies are also given as read bandwidth (the text weights a step reads over
+their time).
 
     python bench/decode_profile.py --architecture glm4.1v-9b --device cuda --output bench/results/benchmarks.md
     python bench/decode_profile.py --architecture tiny             # CPU operators instead of kernels
@@ -34,9 +36,11 @@ from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
 
 SECTION = "decode-profile"
-GROUPS = [
-    ("matrix multiply", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|aten::(mm|addmm|linear|matmul|bmm)", re.I)),
+GROUPS = [  # the first that matches: attention kernels' names can say "cutlass" too
     ("attention", re.compile(r"flash|fmha|attention|efficient", re.I)),
+    # Library calls, or Inductor's own reductions for a one-row step (named after the mm they replace)
+    ("matrix multiply", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|aten::(mm|addmm|linear|matmul|bmm)", re.I)),
+    ("matrix multiply", re.compile(r"triton_(red|per)_\w*_mm_")),
     ("fused (Triton)", re.compile(r"triton", re.I)),
 ]
 
@@ -94,8 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=1, help="running sequences in the profiled steps")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--prompt-words",
+        type=int,
+        default=40,
+        help="words in each row's prompt: the cache the profiled steps attend over (an image prompt is 1-6k tokens)",
+    )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--section", default=SECTION, help="name of the section in the output file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     side = 112 if args.architecture == "tiny" else 1024
     image = Image.new("RGB", (side, side), (120, 80, 200))
     params = SamplingParams(max_new_tokens=8)
-    rows = [prompts.build(GenerationRequest("describe " * 40, params=params)) for _ in range(args.rows)]
+    rows = [prompts.build(GenerationRequest("describe " * args.prompt_words, params=params)) for _ in range(args.rows)]
     picture = prompts.build(GenerationRequest("describe " * 50, images=[image], params=params))
     # As served, but without CUDA graphs: each kernel then shows on its own.
     runner = ModelRunner(loaded, max_rows=max(2, args.rows), cuda_graphs=False)
@@ -131,19 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     how = "compiled" if runner.decode_path()["compiled"] else "eager"
     unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
     lines = [
-        f"<!-- {SECTION}:start -->",
+        f"<!-- {args.section}:start -->",
         "## Where a decode step's time goes",
         "",
         f"`bench/decode_profile.py`, {date.today().isoformat()}, {machine_name()}, torch {torch.__version__}; "
-        f"{loaded.model_id}, {str(dtype)[6:]}; {args.rows} running row(s), {how}, no CUDA graphs; "
+        f"{loaded.model_id}, {str(dtype)[6:]}; {args.rows} running row(s) of {rows[0].num_tokens} "
+        f"prompt tokens, {how}, no CUDA graphs; "
         f"{args.steps} steps profiled. Matrix multiplies read the {read / 1e9:.2f} GB of text weights at "
         f"{read / (matmul_us / 1e6) / 1e9:.0f} GB/s.",
         "",
         *table("Decode step", decode_times, args.steps, args.top, unit),
         *table(f"Prefill of one {side}x{side} image + 50 words", prefill_times, 1, args.top, unit),
-        f"<!-- {SECTION}:end -->",
+        f"<!-- {args.section}:end -->",
     ]
-    publish("\n".join(lines) + "\n", args.output, SECTION)
+    publish("\n".join(lines) + "\n", args.output, args.section)
     return 0
 
 

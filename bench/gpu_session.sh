@@ -14,6 +14,7 @@
 #   compile         how long torch.compile holds decoding up, on the real architecture
 #   eager           no compile, no CUDA graphs (gpu-bench-eager), 128 new tokens
 #   graphs-only     CUDA graphs without compile (gpu-bench-graphs-only), 128 new tokens
+#   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length
 # STEPS picks some of them, to spread them over calls of limited length:
 #     STEPS="served before-after" bash bench/gpu_session.sh
 #     STEPS="eager graphs-only" bash bench/gpu_session.sh
@@ -47,17 +48,19 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served profile unfused-qkv before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served profile unfused-qkv compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served profile unfused-qkv before-after compile prefill-chunks eager graphs-only profile-long"
+else default_steps="gpu-tests served profile unfused-qkv compile prefill-chunks eager graphs-only profile-long"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
   compile_model=(--architecture tiny --device cpu --layers 2 --long-prompt-words 60)
   profile_model=(--architecture tiny --device cpu --steps 3)
+  long_words=100
 else
   chunk_model=(--architecture glm4.1v-9b --device cuda)
   compile_model=(--architecture glm4.1v-9b --device cuda)
   profile_model=(--architecture glm4.1v-9b --device cuda)
+  long_words=3000
 fi
 short=(--concurrency 8 32 --decode-tokens 64)  # GPU_BENCH_ARGS, after these, may override them
 for name in $STEPS; do
@@ -72,6 +75,8 @@ for name in $STEPS; do
       --repeats 2 --output "$report" ;;
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
     profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --output "$report" ;;
+    profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --prompt-words "$long_words" \
+      --section decode-profile-long --output "$report" ;;
     eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \
       --section gpu-bench-eager --output "$report" ;;
     graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile \
@@ -79,7 +84,7 @@ for name in $STEPS; do
     unfused-qkv) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --no-fused-qkv --section gpu-bench-unfused-qkv --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served profile unfused-qkv before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served profile unfused-qkv before-after compile prefill-chunks eager graphs-only profile-long)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

@@ -103,7 +103,7 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "benchmarks.md").read_text()
     sections = ["gpu-bench", "gpu-bench-unfused-qkv", "gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
-    for section in [*sections, "compile-time", "decode-profile"]:
+    for section in [*sections, "compile-time", "decode-profile", "decode-profile-long"]:
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
@@ -211,3 +211,20 @@ def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
     assert "| matrix multiply |" in text and "| attention |" in text
     shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in text.splitlines() if line.endswith("% |")]
     assert shares and all(0 <= share <= 100 for share in shares)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "group"),
+    [
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),  # SDPA's memory-efficient kernel
+        ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "matrix multiply"),  # cuBLAS
+        ("triton_red_fused_mm_1", "matrix multiply"),  # Inductor's one-row reduction for an mm
+        ("triton_red_fused_add_mm_7", "matrix multiply"),
+        ("triton_red_fused_bmm_4", "fused (Triton)"),
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "fused (Triton)"),  # RMSNorm
+        ("triton_poi_fused_cat_mm_mul_silu_3", "fused (Triton)"),  # pointwise, reads no weight
+    ],
+)
+def test_decode_profile_counts_each_kernel_in_its_group(kernel, group):
+    """Matrix multiplies give the profile's read bandwidth: attention must not count among them."""
+    assert _load("decode_profile").group_of(kernel) == group
