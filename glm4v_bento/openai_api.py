@@ -295,15 +295,13 @@ def _usage(results: list[GenerationResult]) -> CompletionUsage:
 
 
 def _choice_logprobs(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
-    """The engine's log-probabilities in OpenAI's shape (which adds each token's UTF-8 bytes)."""
+    """The engine's log-probabilities in OpenAI's shape."""
     content = [
         ChatCompletionTokenLogprob(
             token=entry.token,
             logprob=entry.logprob,
-            bytes=list(entry.token.encode()),
-            top_logprobs=[
-                TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode())) for t in entry.top_logprobs
-            ],
+            bytes=entry.bytes,
+            top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in entry.top_logprobs],
         )
         for entry in entries
     ]

@@ -85,7 +85,10 @@ class ResponseMessage(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+    bytes: list[int] = Field(
+        description="The token's bytes: a token may hold part of a UTF-8 character; joined, a completion's "
+        "tokens' bytes are its text."
+    )
 
 
 class ChatCompletionTokenLogprob(TopLogprob):

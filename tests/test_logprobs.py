@@ -35,6 +35,15 @@ def test_each_tokens_logprob_and_alternatives_are_the_models(engine, loaded_mode
     assert result.logprobs[0].top_logprobs[0].token_id == result.logprobs[0].token_id  # greedy took the best
 
 
+def test_the_tokens_bytes_join_into_the_generated_text(engine, loaded_model):
+    """Sampled widely, the tiny model's tokens include pieces of characters (U+FFFD alone)."""
+    [result] = engine.generate([asking(0, temperature=1.5, seed=7, max_new_tokens=64)])
+    tokens = [entry.token_id for entry in result.logprobs]
+    assert any(entry.token == "\ufffd" for entry in result.logprobs)  # what this is about
+    joined = bytes(byte for entry in result.logprobs for byte in entry.bytes)
+    assert joined.decode(errors="replace") == loaded_model.tokenizer.decode(tokens)
+
+
 def test_only_the_rows_that_ask_get_them(engine):
     sampled = asking(0, temperature=1.5, seed=3)  # sampled: logprobs of the model, not of the sampling
     none, zero, five = engine.generate([asking(None), sampled, asking(5)])

@@ -148,7 +148,7 @@ def test_logprobs_cover_every_generated_token_streamed_or_not(client):
     streamed = [
         entry for chunk in chunks for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content
     ]
-    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from glm4v_bento.engine.parser import parse_output
 from glm4v_bento.engine.prompt import PreparedPrompt
+from glm4v_bento.engine.token_bytes import token_bytes_reader
 from glm4v_bento.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -85,6 +86,7 @@ class Sequence:
         self.text = ""
         self.finish_reason: FinishReason | None = None
         self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._token_bytes = token_bytes_reader(tokenizer)  # for log-probabilities, when asked
         self.logprobs: list[TokenLogprob] = []  # one per output token, when the request asks
         self._logprobs_taken = 0
         self._stop_scan_from = 0
@@ -121,11 +123,13 @@ class Sequence:
 
     def add_logprobs(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]]) -> None:
         """The log-probabilities at the place of the token about to be appended."""
-        decode = self._detokenizer.decode
-        top = [TopLogprob(token_id=i, token=decode([i]), logprob=lp) for i, lp in alternatives]
-        self.logprobs.append(
-            TokenLogprob(token_id=token_id, token=decode([token_id]), logprob=logprob, top_logprobs=top)
-        )
+        decode, read = self._detokenizer.decode, self._token_bytes
+
+        def described(i: int) -> dict:
+            return {"token_id": i, "token": decode([i]), "bytes": read(i)}
+
+        top = [TopLogprob(**described(i), logprob=lp) for i, lp in alternatives]
+        self.logprobs.append(TokenLogprob(**described(token_id), logprob=logprob, top_logprobs=top))
 
     def take_logprobs(self) -> list[TokenLogprob]:
         """Log-probabilities not handed out yet (with the text of ``take_delta``, or ahead of it)."""

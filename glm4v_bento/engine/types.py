@@ -126,6 +126,7 @@ class GenerationRequest:
 class TopLogprob(BaseModel):
     token_id: int
     token: str = Field(description="The token's text (a piece of a character shows as U+FFFD).")
+    bytes: list[int] = Field(description="The token's bytes: a piece of a character is its bytes.")
     logprob: float = Field(description="Natural log of its probability under the model (before sampling settings).")
 
 
