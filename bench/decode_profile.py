@@ -28,7 +28,7 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import build_model, decode_weight_bytes
+from gpu_bench import build_model, copy_bandwidth, decode_weight_bytes
 from report import machine_name, publish
 
 from glm4v_bento.engine import GenerationRequest, SamplingParams
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     decode_times = profiled(device, decode)
     matmul_us = sum(t for name, (_, t) in decode_times.items() if group_of(name) == "matrix multiply") / args.steps
     read = decode_weight_bytes(loaded.model)
+    step_us = sum(t for _, t in decode_times.values()) / args.steps
+    bandwidth = copy_bandwidth(device, 64 if device.type == "cpu" else 2048)
     how = "compiled" if runner.decode_path()["compiled"] else "eager"
     unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
     lines = [
@@ -149,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{loaded.model_id}, {str(dtype)[6:]}; {args.rows} running row(s) of {rows[0].num_tokens} "
         f"prompt tokens, {how}, no CUDA graphs; "
         f"{args.steps} steps profiled. Matrix multiplies read the {read / 1e9:.2f} GB of text weights at "
-        f"{read / (matmul_us / 1e6) / 1e9:.0f} GB/s.",
+        f"{read / (matmul_us / 1e6) / 1e9:.0f} GB/s; over the step's whole {unit} time, that is "
+        f"{read / (step_us / 1e6) / 1e9:.0f} GB/s, {read / (step_us / 1e6) / bandwidth:.2f} of the measured copy "
+        f"bandwidth ({bandwidth / 1e9:.0f} GB/s): what replayed steps would reach with their kernels back "
+        "to back, before the gaps between kernels and the host's share of a step.",
         "",
         *table("Decode step", decode_times, args.steps, args.top, unit),
         *table(f"Prefill of one {side}x{side} image + 50 words", prefill_times, 1, args.top, unit),
