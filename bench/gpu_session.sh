@@ -8,16 +8,16 @@
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the issue's targets
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile)
-#   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
 #   pdl             as served plus Inductor's programmatic dependent launch, Hopper on (gpu-bench-pdl), 128 new tokens
 #   one-row-gemm    as served but coordinate-descent tuning off: a single stream's multiplies stay library GEMMs
 #                   (gpu-bench-one-row-gemm), 128 new tokens
+#   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
+#   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length
 #   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
 #   compile         how long torch.compile holds decoding up, on the real architecture
 #   eager           no compile, no CUDA graphs (gpu-bench-eager), 128 new tokens
 #   graphs-only     CUDA graphs without compile (gpu-bench-graphs-only), 128 new tokens
-#   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length
 # STEPS picks some of them, to spread them over calls of limited length:
 #     STEPS="served before-after" bash bench/gpu_session.sh
 #     STEPS="eager graphs-only" bash bench/gpu_session.sh
@@ -51,8 +51,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served profile unfused-qkv pdl one-row-gemm before-after compile prefill-chunks eager graphs-only profile-long"
-else default_steps="gpu-tests served profile unfused-qkv pdl one-row-gemm compile prefill-chunks eager graphs-only profile-long"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served profile pdl one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served profile pdl one-row-gemm unfused-qkv profile-long compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -91,7 +91,7 @@ for name in $STEPS; do
     one-row-gemm) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option coordinate_descent_tuning=false --section gpu-bench-one-row-gemm --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served profile unfused-qkv pdl one-row-gemm before-after compile prefill-chunks eager graphs-only profile-long)" \
+    *) echo "== unknown step $name (known: gpu-tests served profile pdl one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done
