@@ -120,3 +120,28 @@ def test_a_compiled_one_row_step_leaves_no_weight_to_the_gemm_library(tiny_model
         if node.target == torch.ops.aten.sum.dim_IntList and node.args[0].meta["val"].dim() == 3
     ]
     assert len(weight_sums) == 4
+
+
+def test_out_of_memory_while_joining_leaves_the_layers_left_as_they_were(tiny_model_dir, engine, monkeypatch, caplog):
+    """The joined copy needs memory for a moment: a GPU that is nearly full keeps the rest apart."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    prompt = engine.prompts.build(REQUESTS[0])
+    reference = Reference(loaded, prompt)
+    text = loaded.model.model.language_model
+    joins = 0
+    cat = torch.cat
+
+    def cat_until_full(tensors, *args, **kwargs):
+        nonlocal joins
+        joins += 1
+        if joins > 2:  # the first layer's weight and bias, then no more room
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", cat_until_full)
+    runner = ModelRunner(loaded, max_rows=2)
+    monkeypatch.setattr(torch, "cat", cat)
+
+    assert [isinstance(layer.self_attn, FusedQKVAttention) for layer in text.layers] == [True, False]
+    assert "not enough memory to join q/k/v in layer 1" in caplog.text
+    decode_alone(runner, prompt, reference)  # the mixed model still decodes what transformers does

@@ -80,11 +80,15 @@ def fuse_qkv(text_model: nn.Module) -> int:
     Layers already fused, and those whose weights are not all in memory on one device (offloaded
     by accelerate: their weights arrive only when the layer runs), are left as they are."""
     fused = 0
-    for layer in text_model.layers:
+    for index, layer in enumerate(text_model.layers):
         attention = layer.self_attn
         if type(attention) is not modeling_glm4v.Glm4vTextAttention or not _fusable(attention):
             continue
-        _join(attention)
+        try:
+            _join(attention)
+        except torch.OutOfMemoryError:  # its joined copy did not fit, even for a moment: decode as it is
+            logger.warning("not enough memory to join q/k/v in layer %d: it and the layers after it keep three", index)
+            break
         attention.__class__ = FusedQKVAttention  # same module, same weights: only the decode step changes
         fused += 1
     if fused:
@@ -111,6 +115,7 @@ def _fusable(attention: nn.Module) -> bool:
 
 @torch.no_grad()
 def _join(attention: nn.Module) -> None:
+    """Joined copies first, then the projections moved onto them: a failure leaves the layer as it was."""
     projections = _projections(attention)
     weight = torch.cat([p.weight for p in projections])
     bias = torch.cat([p.bias for p in projections])
