@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import build_model, copy_bandwidth, decode_weight_bytes
 from report import machine_name, publish
 
-from glm4v_bento.engine import GenerationRequest, SamplingParams
+from glm4v_bento.engine import GenerationRequest, SamplingParams, decode_attention
 from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
 
@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         default=40,
         help="words in each row's prompt: the cache the profiled steps attend over (an image prompt is 1-6k tokens)",
     )
+    parser.add_argument(
+        "--flex",
+        action="store_true",
+        help="then profile the steps again with FlexAttention (the experiment in decode_attention.py)",
+    )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default=SECTION, help="name of the section in the output file")
@@ -129,34 +134,50 @@ def main(argv: list[str] | None = None) -> int:
     prefilled, _ = runner.prefill(rows)
     runner.join(prefilled)
     tokens = [1] * args.rows
-    for _ in range(3):  # compiles, where it is compiled
-        runner.decode(tokens)
+    read = decode_weight_bytes(loaded.model)
+    bandwidth = copy_bandwidth(device, 64 if device.type == "cpu" else 2048)
+    unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
 
-    def decode() -> None:
-        for _ in range(args.steps):
+    def decode_table(title: str) -> list[str]:
+        for _ in range(3):  # compiles, where it is compiled
             runner.decode(tokens)
 
-    decode_times = profiled(device, decode)
-    matmul_us = sum(t for name, (_, t) in decode_times.items() if group_of(name) == "matrix multiply") / args.steps
-    read = decode_weight_bytes(loaded.model)
-    step_us = sum(t for _, t in decode_times.values()) / args.steps
-    bandwidth = copy_bandwidth(device, 64 if device.type == "cpu" else 2048)
-    how = "compiled" if runner.decode_path()["compiled"] else "eager"
-    unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
+        def decode() -> None:
+            for _ in range(args.steps):
+                runner.decode(tokens)
+
+        times = profiled(device, decode)
+        matmul_us = sum(t for name, (_, t) in times.items() if group_of(name) == "matrix multiply") / args.steps
+        step_us = sum(t for _, t in times.values()) / args.steps
+        how = "compiled" if runner.decode_path()["compiled"] else "eager"
+        if runner.compiled is not None and not runner.decode_path()["compiled"]:
+            how = "eager: compiling failed or disagreed with the eager step (see log)"
+        summary = (
+            f"{how}. Matrix multiplies read the {read / 1e9:.2f} GB of text weights at "
+            f"{read / (matmul_us / 1e6) / 1e9:.0f} GB/s; over the step's whole {unit} time, that is "
+            f"{read / (step_us / 1e6) / 1e9:.0f} GB/s, {read / (step_us / 1e6) / bandwidth:.2f} of the measured "
+            f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s): what replayed steps would reach with their kernels back "
+            "to back, before the gaps between kernels and the host's share of a step."
+        )
+        return [summary, "", *table(title, times, args.steps, args.top, unit)]
+
+    decode_tables = decode_table("Decode step")
+    if args.flex:
+        decode_attention.use_flex_decoding(True)  # the next step compiles again, through FlexAttention
+        try:
+            decode_tables += ["With FlexAttention for the compiled steps' attention:", ""]
+            decode_tables += decode_table("Decode step, FlexAttention")
+        finally:
+            decode_attention.use_flex_decoding(False)
     lines = [
         f"<!-- {args.section}:start -->",
         "## Where a decode step's time goes",
         "",
         f"`bench/decode_profile.py`, {date.today().isoformat()}, {machine_name()}, torch {torch.__version__}; "
         f"{loaded.model_id}, {str(dtype)[6:]}; {args.rows} running row(s) of {rows[0].num_tokens} "
-        f"prompt tokens, {how}, no CUDA graphs; "
-        f"{args.steps} steps profiled. Matrix multiplies read the {read / 1e9:.2f} GB of text weights at "
-        f"{read / (matmul_us / 1e6) / 1e9:.0f} GB/s; over the step's whole {unit} time, that is "
-        f"{read / (step_us / 1e6) / 1e9:.0f} GB/s, {read / (step_us / 1e6) / bandwidth:.2f} of the measured copy "
-        f"bandwidth ({bandwidth / 1e9:.0f} GB/s): what replayed steps would reach with their kernels back "
-        "to back, before the gaps between kernels and the host's share of a step.",
+        f"prompt tokens, no CUDA graphs (each kernel on its own); {args.steps} steps profiled. Decode steps:",
         "",
-        *table("Decode step", decode_times, args.steps, args.top, unit),
+        *decode_tables,
         *table(f"Prefill of one {side}x{side} image + 50 words", prefill_times, 1, args.top, unit),
         f"<!-- {args.section}:end -->",
     ]

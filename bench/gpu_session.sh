@@ -7,7 +7,8 @@
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the targets
-#   profile         where a decode step's and a prefill's kernel time goes (decode-profile)
+#   profile         where a decode step's and a prefill's kernel time goes (decode-profile), and the step's
+#                   kernels with the FlexAttention experiment
 #   pdl             as served plus Inductor's programmatic dependent launch, Hopper on (gpu-bench-pdl), 128 new tokens
 #   one-row-gemm    as served but coordinate-descent tuning off: a single stream's multiplies stay library GEMMs
 #                   (gpu-bench-one-row-gemm), 128 new tokens
@@ -77,9 +78,9 @@ for name in $STEPS; do
     prefill-chunks) step "$name" "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
       --repeats 2 --output "$report" ;;
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
-    profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --output "$report" ;;
-    profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --prompt-words "$long_words" \
-      --section decode-profile-long --output "$report" ;;
+    profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex --output "$report" ;;
+    profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex \
+      --prompt-words "$long_words" --section decode-profile-long --output "$report" ;;
     eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \
       --section gpu-bench-eager --output "$report" ;;
     graphs-only) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile \

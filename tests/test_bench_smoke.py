@@ -206,9 +206,10 @@ def test_compile_bench_times_each_event_and_stays_compiled(tmp_path):
 def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
     bench = _load("decode_profile")
     output = tmp_path / "benchmarks.md"
-    assert bench.main(["--steps", "2", "--top", "5", "--output", str(output)]) == 0
+    assert bench.main(["--steps", "2", "--top", "5", "--flex", "--output", str(output)]) == 0
     text = output.read_text()
     assert "**Decode step**" in text and "**Prefill of one 112x112 image" in text
+    assert "**Decode step, FlexAttention**" in text
     assert "| matrix multiply |" in text and "| attention |" in text
     shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in text.splitlines() if line.endswith("% |")]
     assert shares and all(0 <= share <= 100 for share in shares)

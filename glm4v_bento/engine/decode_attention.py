@@ -4,6 +4,12 @@ GLM-4.1V has 32 query heads and 2 key/value heads. transformers' SDPA path repea
 and values 16 times (a copy of the cache per layer per step) whenever it is being compiled;
 here the 16 query heads that share a key/value head are folded into one "query length"
 axis instead, so attention reads the cache once, in eager and compiled code alike.
+
+An experiment, off unless ``use_flex_decoding(True)`` (the benchmarks' ``--flex``): in a step
+compiled for a GPU, FlexAttention instead. SDPA's kernels give each (row, KV head) one block
+of threads, so a single stream's attention runs on two of the GPU's streaming multiprocessors
+whatever the context's length; Inductor's flex-decoding kernel splits the columns over all of
+them. Whether that pays, and from what context length, is for the GPU to say.
 """
 
 from __future__ import annotations
@@ -12,9 +18,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface
 
 NAME = "glm4v_bento_decode"
+
+# Devices whose compiled steps take FlexAttention while the experiment is on (tests add "cpu").
+FLEX_DEVICES = {"cuda"}
+_flex_decoding = False
+
+
+def use_flex_decoding(enabled: bool) -> None:
+    """Compiled steps on a GPU attend with FlexAttention (they compile again on their next step)."""
+    global _flex_decoding
+    _flex_decoding = enabled
 
 
 def decode_attention(
@@ -28,11 +45,31 @@ def decode_attention(
     **_: Any,
 ) -> tuple[torch.Tensor, None]:
     rows, heads, _, head_dim = query.shape
+    if _flex_decoding and query.device.type in FLEX_DEVICES and torch.compiler.is_compiling():
+        output = flex_decode(query, key, value, attention_mask, scaling)
+        return output.transpose(1, 2), None
     kv_heads = key.shape[1]
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     # (rows, kv_heads, group, head_dim) -> (rows, 1, heads, head_dim), the layout the layer expects.
     return output.reshape(rows, heads, 1, head_dim).transpose(1, 2), None
+
+
+def flex_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """The same attention through FlexAttention -> (rows, heads, 1, head_dim). Unfused (scores
+    materialised) unless compiled: only compiled steps take it."""
+
+    def masked(score: torch.Tensor, row: torch.Tensor, head: torch.Tensor, at: torch.Tensor, column: torch.Tensor):
+        return score + attention_mask[row, 0, 0, column]
+
+    score_mod = masked if attention_mask is not None else None
+    return flex_attention(query, key, value, score_mod=score_mod, scale=scaling, enable_gqa=True)
 
 
 AttentionInterface.register(NAME, decode_attention)
