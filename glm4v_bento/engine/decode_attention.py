@@ -6,10 +6,11 @@ here the 16 query heads that share a key/value head are folded into one "query l
 axis instead, so attention reads the cache once, in eager and compiled code alike.
 
 An experiment, off unless ``use_flex_decoding(True)`` (the benchmarks' ``--flex``): in a step
-compiled for a GPU, FlexAttention instead. SDPA's kernels give each (row, KV head) one block
-of threads, so a single stream's attention runs on two of the GPU's streaming multiprocessors
-whatever the context's length; Inductor's flex-decoding kernel splits the columns over all of
-them. Whether that pays, and from what context length, is for the GPU to say.
+compiled for a GPU, FlexAttention instead. SDPA's memory-efficient kernel divides its work by
+row, head and block of queries: with the query heads folded as above, one block of threads
+per (row, KV head), so a single stream's attention runs on two of the GPU's streaming
+multiprocessors whatever the context's length. Inductor's flex-decoding kernel splits the
+columns over all of them. Whether that pays, and from what context length, is for the GPU to say.
 """
 
 from __future__ import annotations
