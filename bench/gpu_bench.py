@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for option in args.compile_option:  # read when the engine's step is compiled, below
         name, _, value = option.partition("=")
-        compiled_step.COMPILE_OPTIONS[name] = json.loads(value)
+        try:
+            compiled_step.COMPILE_OPTIONS[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--compile-option {option!r}: expected NAME=JSON, e.g. triton.enable_pdl=true")
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if not args.tiny and device.type != "cuda":
         print("error: the full benchmark needs a CUDA device (use --tiny on a CPU)", file=sys.stderr)
