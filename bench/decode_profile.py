@@ -28,7 +28,7 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import build_model, copy_bandwidth, decode_weight_bytes
+from gpu_bench import build_model, copy_bandwidth, decode_weight_bytes, describe_decode
 from report import machine_name, publish
 
 from glm4v_bento.engine import GenerationRequest, SamplingParams, decode_attention
@@ -149,11 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         times = profiled(device, decode)
         matmul_us = sum(t for name, (_, t) in times.items() if group_of(name) == "matrix multiply") / args.steps
         step_us = sum(t for _, t in times.values()) / args.steps
-        how = "compiled" if runner.decode_path()["compiled"] else "eager"
-        if runner.compiled is not None and not runner.decode_path()["compiled"]:
-            how = "eager: compiling failed or disagreed with the eager step (see log)"
         summary = (
-            f"{how}. Matrix multiplies read the {read / 1e9:.2f} GB of text weights at "
+            f"{describe_decode(runner)}. Matrix multiplies read the {read / 1e9:.2f} GB of text weights at "
             f"{read / (matmul_us / 1e6) / 1e9:.0f} GB/s; over the step's whole {unit} time, that is "
             f"{read / (step_us / 1e6) / 1e9:.0f} GB/s, {read / (step_us / 1e6) / bandwidth:.2f} of the measured "
             f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s): what replayed steps would reach with their kernels back "
