@@ -8,7 +8,12 @@ kernels, minus the launch gaps), and one prefill of an image prompt. Kernels are
 matrix multiplies (library calls, and the reductions Inductor generates for one row: Triton
 kernels named after the ``mm`` they replace), attention, other fused Triton kernels and the
 rest; matrix multiplies are also given as read bandwidth (the text weights a step reads over
-their time).
+their time). Then the same step timed three ways, one row apart from the profiler: its kernels
+alone, replayed from a CUDA graph back to back, and replayed with each step's greedy token read
+back before the next, as the engine's loop does. The gaps between the three say where a
+single stream's time goes besides the kernels: launch gaps inside the graph (what fewer
+kernels or programmatic dependent launch would cut) and the wait for each token (what
+overlapping the host's work with the next step would hide).
 
     python bench/decode_profile.py --architecture glm4.1v-9b --device cuda --output bench/results/benchmarks.md
     python bench/decode_profile.py --architecture tiny             # CPU operators instead of kernels
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
+import time
 from collections import defaultdict
 from datetime import date
 from pathlib import Path
@@ -32,6 +39,7 @@ from gpu_bench import build_model, copy_bandwidth, decode_weight_bytes, describe
 from report import machine_name, publish
 
 from glm4v_bento.engine import GenerationRequest, SamplingParams, decode_attention
+from glm4v_bento.engine.decode_graphs import Capture, cuda_capture
 from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
 
@@ -92,6 +100,67 @@ def table(title: str, times: dict[str, tuple[int, float]], per: int, top: int, u
     return [*lines, ""]
 
 
+def step_timings(
+    runner: ModelRunner, kernel_us: float, read: int, bandwidth: float, repeats: int, capture: Capture | None
+) -> list[str]:
+    """The last decode step again, ``repeats`` times each way, at the same rows and columns: a
+    replay rewrites the same cache column, so each one is the same step (nothing grows).
+    ``capture``: how graphs are recorded (None: no graphs, as on a CPU)."""
+    device, rows, columns = runner.device, runner.rows, runner.cache.width
+    on_gpu = device.type == "cuda"
+    if capture is not None:
+        runner.use_graphs(capture)
+    step = runner.graphs.run if runner.graphs is not None else runner._step
+    try:
+        with torch.inference_mode():
+            step(rows, columns)  # captures the graph (checked against an eager step)
+            captured = runner.graphs is not None and runner.graphs.captured > 0
+
+            def back_to_back() -> None:
+                for _ in range(repeats):
+                    step(rows, columns)
+                if on_gpu:
+                    torch.cuda.synchronize(device)
+
+            def read_back() -> None:
+                for _ in range(repeats):
+                    step(rows, columns).argmax(dim=-1).tolist()
+
+            timed = [_per_step_ms(work, repeats) for work in (back_to_back, read_back)]
+    finally:
+        runner.graphs = None  # what follows profiles kernels one by one again
+    how = "replayed from a CUDA graph" if captured else "without CUDA graphs"
+    how += "" if captured or capture is None else " (the capture failed: see log)"
+
+    def line(label: str, ms: float) -> str:
+        return f"| {label} | {ms:.3f} | {rows * 1000 / ms:.1f} | {read / (ms / 1000) / bandwidth:.2f} |"
+
+    # A CPU's operator times are inflated by the profiler's own overhead: no figure to set beside these.
+    kernels = [line("its kernels alone, back to back (the profile above)", kernel_us / 1000)] if on_gpu else []
+    return [
+        f"**Decode step of {rows} row(s) over {columns} columns, timed**: median of 3 runs of {repeats} steps each. "
+        f"Of the bound: the {read / 1e9:.2f} GB of text weights over the step's time, against the measured copy "
+        "bandwidth. The engine's own figure (gpu-bench) adds its bookkeeping between steps (loading the "
+        "tokens, sampling parameters, detokenizing, stop checks).",
+        "",
+        "| the step | ms per step | tokens/s | of bound |",
+        "|---|---:|---:|---:|",
+        *kernels,
+        line(f"{how}, steps back to back", timed[0]),
+        line(f"{how}, each step's greedy token read back before the next", timed[1]),
+        "",
+    ]
+
+
+def _per_step_ms(work, repeats: int) -> float:
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        work()
+        runs.append((time.perf_counter() - started) / repeats * 1000)
+    return statistics.median(runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architecture", choices=["tiny", "glm4.1v-9b"], default="tiny")
@@ -109,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="then profile the steps again with FlexAttention (the experiment in decode_attention.py)",
     )
+    parser.add_argument("--timed-steps", type=int, default=50, help="steps in each run of the step timings")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default=SECTION, help="name of the section in the output file")
@@ -137,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     read = decode_weight_bytes(loaded.model)
     bandwidth = copy_bandwidth(device, 64 if device.type == "cpu" else 2048)
     unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
+    capture = cuda_capture() if device.type == "cuda" else None
 
-    def decode_table(title: str) -> list[str]:
+    def decode_table(title: str, timings: bool = False) -> list[str]:
         for _ in range(3):  # compiles, where it is compiled
             runner.decode(tokens)
 
@@ -156,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s): what replayed steps would reach with their kernels back "
             "to back, before the gaps between kernels and the host's share of a step."
         )
-        return [summary, "", *table(title, times, args.steps, args.top, unit)]
+        lines = [summary, "", *table(title, times, args.steps, args.top, unit)]
+        return lines + (step_timings(runner, step_us, read, bandwidth, args.timed_steps, capture) if timings else [])
 
-    decode_tables = decode_table("Decode step")
+    decode_tables = decode_table("Decode step", timings=True)
     if args.flex:
         decode_attention.use_flex_decoding(True)  # the next step compiles again, through FlexAttention
         try:

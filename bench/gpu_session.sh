@@ -7,7 +7,8 @@
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the targets
-#   profile         where a decode step's and a prefill's kernel time goes (decode-profile), and the step's
+#   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
+#                   as kernels alone, replayed back to back and with each token read back, and the step's
 #                   kernels with the FlexAttention experiment
 #   pdl             as served plus Inductor's programmatic dependent launch, Hopper on (gpu-bench-pdl), 128 new tokens
 #   one-row-gemm    as served but coordinate-descent tuning off: a single stream's multiplies stay library GEMMs

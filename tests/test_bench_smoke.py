@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -230,3 +231,35 @@ def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
 def test_decode_profile_counts_each_kernel_in_its_group(kernel, group):
     """Matrix multiplies give the profile's read bandwidth: attention must not count among them."""
     assert _load("decode_profile").group_of(kernel) == group
+
+
+def test_decode_profile_times_the_same_step_replayed_without_growing_the_cache():
+    """The step timings replay the last step in place: the cache neither grows nor moves, and
+    the runner is left without graphs for the profiles that follow."""
+    bench = _load("decode_profile")
+    from gpu_bench import build_model
+
+    from glm4v_bento.engine import GenerationRequest
+    from glm4v_bento.engine.prompt import PromptBuilder
+    from glm4v_bento.engine.runner import ModelRunner
+
+    loaded = build_model(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    runner = ModelRunner(loaded, max_rows=2)
+    prompt = PromptBuilder(loaded.processor, max_images=1).build(GenerationRequest("describe " * 10))
+    prefilled, _ = runner.prefill([prompt])
+    runner.join(prefilled)
+    for _ in range(3):
+        runner.decode([1])
+    width, generation = runner.cache.width, runner.cache.generation
+    replays = []
+
+    def capture(step, pool):
+        logits = step()
+        return (lambda: replays.append(logits.copy_(step()))), logits
+
+    lines = bench.step_timings(runner, 1000.0, 10**9, 10**12, 4, capture)
+    assert (runner.cache.width, runner.cache.generation) == (width, generation)
+    assert runner.graphs is None
+    assert len(replays) == 1 + 2 * 3 * 4  # the capture's check, then two ways x three runs x four steps
+    rows = [line for line in lines if line.startswith("| replayed from a CUDA graph")]
+    assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)
