@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|",
     ]
     for key in after:
-        old, new = statistics.median(before.get(key, [float("nan")])), statistics.median(after[key])
+        new = statistics.median(after[key])
+        if key not in before:  # a row the older script does not measure
+            lines.append(f"| {key} | - | {new:.1f} | - |")
+            continue
+        old = statistics.median(before[key])
         lines.append(f"| {key} | {old:.1f} | {new:.1f} | {new / old:.2f} |")
     lines.append(f"<!-- {args.section}:end -->")
     publish("\n".join(lines) + "\n", args.output, args.section)

@@ -50,6 +50,7 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
     assert bench.main(["--tiny", "--concurrency", "2"]) == 0
     table = capsys.readouterr().out
     assert "| 1 |" in table and "| 2 |" in table and "of bound" in table
+    assert "| 1, after the 112x112 image |" in table  # one stream over an image prompt's context
 
 
 def test_gpu_bench_real_architecture_matches_the_published_size():
@@ -94,6 +95,25 @@ def test_compare_revisions_runs_a_benchmark_on_both_sides(tiny_model_dir, tmp_pa
         assert before > 0 and after > 0
     # --keep-after: the newer side's own table is kept too, under its own section name
     assert "<!-- engine-throughput:start -->" in report
+
+
+def test_compare_revisions_marks_rows_the_older_script_does_not_measure(tmp_path):
+    """The older side runs its own copy of the script, which may measure fewer rows (the GPU
+    bench's image-prompt row is newer than the engine before the GPU work): '-', not a number."""
+    bench = _load("compare_revisions")
+    older = tmp_path / "base" / "bench"
+    older.mkdir(parents=True)
+    table = "| sequences | decode tokens/s |\n|---:|---:|\n| 1 | 10.0 |\n| 8 | 80.0 |"
+    (older / "gpu_bench.py").write_text(f"print({table!r})\n")
+    output = tmp_path / "benchmarks.md"
+    command = ["bench/gpu_bench.py", "--tiny", "--concurrency", "2"]
+    assert bench.main(["--base-tree", str(tmp_path / "base"), "--rounds", "1", "--output", str(output), *command]) == 0
+    rows = {line.split("|")[1].strip(): line for line in output.read_text().splitlines() if line.startswith("| 1")}
+    before, after, ratio = (cell.strip() for cell in rows["1"].strip("|").split("|")[1:4])
+    assert before == "10.0" and float(after) > 0 and float(ratio) > 0
+    image_row = next(line for key, line in rows.items() if key.startswith("1, after the"))
+    assert image_row.strip("|").split("|")[1].strip() == "-" and image_row.rstrip().endswith("| - |")
+    assert "| 8 |" not in output.read_text()  # only what the newer side measured is compared
 
 
 def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
