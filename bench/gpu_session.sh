@@ -11,6 +11,8 @@
 #                   as kernels alone, replayed back to back and with each token read back, and the step's
 #                   kernels with the FlexAttention experiment
 #   pdl             as served plus Inductor's programmatic dependent launch, Hopper on (gpu-bench-pdl), 128 new tokens
+#   combo           as served plus Inductor's combo kernels: independent small kernels (rotary embedding of
+#                   queries and keys, the cache writes) launched as one (gpu-bench-combo), 128 new tokens
 #   one-row-gemm    as served but coordinate-descent tuning off: a single stream's multiplies stay library GEMMs
 #                   (gpu-bench-one-row-gemm), 128 new tokens
 #   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
@@ -53,8 +55,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served profile pdl one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served profile pdl one-row-gemm unfused-qkv profile-long compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served profile pdl combo one-row-gemm unfused-qkv profile-long compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -90,10 +92,13 @@ for name in $STEPS; do
       --no-fused-qkv --section gpu-bench-unfused-qkv --output "$report" ;;
     pdl) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option triton.enable_pdl=true --section gpu-bench-pdl --output "$report" ;;
+    combo) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
+      --compile-option combo_kernels=true --compile-option benchmark_combo_kernel=true --section gpu-bench-combo \
+      --output "$report" ;;
     one-row-gemm) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option coordinate_descent_tuning=false --section gpu-bench-one-row-gemm --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served profile pdl one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done
