@@ -8,12 +8,12 @@ kernels, minus the launch gaps), and one prefill of an image prompt. Kernels are
 matrix multiplies (library calls, and the reductions Inductor generates for one row: Triton
 kernels named after the ``mm`` they replace), attention, other fused Triton kernels and the
 rest; matrix multiplies are also given as read bandwidth (the text weights a step reads over
-their time). Then the same step timed three ways, one row apart from the profiler: its kernels
+their time). Then the same step timed outside the profiler, on a GPU three ways: its kernels
 alone, replayed from a CUDA graph back to back, and replayed with each step's greedy token read
-back before the next, as the engine's loop does. The gaps between the three say where a
-single stream's time goes besides the kernels: launch gaps inside the graph (what fewer
-kernels or programmatic dependent launch would cut) and the wait for each token (what
-overlapping the host's work with the next step would hide).
+back before the next, as the engine's loop does (a CPU gets the last two, without graphs).
+The gaps between the three say where a single stream's time goes besides the kernels:
+launch gaps inside the graph (what fewer kernels or programmatic dependent launch would cut)
+and the wait for each token (what overlapping the host's work with the next step would hide).
 
     python bench/decode_profile.py --architecture glm4.1v-9b --device cuda --output bench/results/benchmarks.md
     python bench/decode_profile.py --architecture tiny             # CPU operators instead of kernels
