@@ -91,7 +91,7 @@ def base_tree(args: argparse.Namespace) -> Iterator[tuple[Path, str]]:
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.base], cwd=ROOT, check=True,
                        capture_output=True)  # fmt: skip
         try:
-            yield tree, describe(ROOT, args.base)
+            yield tree, describe(tree, "HEAD")  # the worktree's own commit: never "dirty", as ROOT may be
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 

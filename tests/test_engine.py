@@ -218,3 +218,31 @@ def test_offloading_to_disk_gives_the_same_tokens(tiny_model_dir, tmp_path, solo
     finally:
         offloaded.close()
     assert result.text == solo_results[0].text
+
+
+def test_a_model_spread_by_accelerate_decodes_through_each_layers_own_forward(tiny_model_dir, solo_results):
+    """Spread over several GPUs, accelerate hooks each decoder layer, and the hook brings the
+    layer's inputs to its device: every decode step must go through those hooks."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from glm4v_bento.engine import Engine, load_model
+
+    class CountingHook(ModelHook):  # where accelerate's AlignDevicesHook would move the inputs
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountingHook.calls += 1
+            return args, kwargs
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    layers = loaded.model.model.language_model.layers
+    for layer in layers:
+        add_hook_to_module(layer, CountingHook())
+    engine = Engine(loaded)
+    try:
+        result = engine.generate([mixed_requests()[0]])[0]
+    finally:
+        engine.close()
+    assert result.text == solo_results[0].text
+    decode_steps = result.usage.completion_tokens - 1  # the first token comes from the prefill
+    assert CountingHook.calls == len(layers) * (1 + decode_steps)

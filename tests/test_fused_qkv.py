@@ -101,10 +101,10 @@ def test_a_compiled_one_row_step_leaves_no_weight_to_the_gemm_library(tiny_model
             hidden = torch.zeros(1, 1, config.hidden_size)
             cos, sin = text.rotary_emb(hidden, position_ids=torch.zeros(3, 1, 1, dtype=torch.long))
             keys = torch.zeros(2, kv_heads, columns + 1, head_dim)
-            inputs = (hidden, cos, sin, torch.zeros(1, 1, 1, columns), keys, torch.zeros_like(keys))
+            inputs = (hidden, hidden, cos, sin, torch.zeros(1, 1, 1, columns), keys, torch.zeros_like(keys))
             indices = (torch.arange(2), torch.zeros(2, dtype=torch.long))  # rows, write column
             graph = make_fx(
-                lambda *tensors: decode_layer(text.layers[0], *tensors),
+                lambda *tensors: decode_layer(text.layers[0], text.norm, *tensors),
                 decomposition_table=select_decomp_table(),
                 tracing_mode="fake",
             )(*inputs, *indices)

@@ -6,8 +6,10 @@ launch and a round trip through memory. Inductor fuses them.
 
 What is compiled is one decoder layer over its part of the cache (``decode_layer``), and the
 same compilation serves all the layers: they differ only in their weights, which torch.compile
-takes as inputs. What comes before the layers (embedding, rotary embedding, mask) and after
-them (norm, output head) is compiled as two more small parts. Compiling the whole step at once
+takes as inputs; each hands its output on through the next layer's input norm, so that the
+norm shares a kernel with the layer's last residual add. What comes before the layers
+(embedding, the first input norm, rotary embedding, mask) and after them (output head) is
+compiled as two more small parts. Compiling the whole step at once
 took 210 s on an H200 for GLM-4.1V-9B's 40 layers, and again about as long whenever a new
 shape made it compile again, stalling every stream meanwhile (docs/benchmarks.md). Shapes are
 compiled as dynamic, so one compilation serves every batch of two rows or more and every cache
@@ -39,17 +41,19 @@ from glm4v_bento.engine.kv_cache import LayerCache
 
 logger = logging.getLogger(__name__)
 
-# (layer, hidden, cos, sin, mask, keys, values, row indices, write column) -> the layer's output
-LayerStep = Callable[..., torch.Tensor]
+# (layer, next norm, hidden, normed, cos, sin, mask, keys, values, row indices, write column)
+# -> the layer's output, and that output through the next norm
+LayerStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class DecodeParts:
     """A decode step in three parts, each run as it is or compiled on its own."""
 
-    begin: Callable[[int, int], tuple[torch.Tensor, ...]]  # (rows, columns) -> hidden, cos, sin, mask
+    # (rows, columns) -> hidden, hidden through the first layer's input norm, cos, sin, mask
+    begin: Callable[[int, int], tuple[torch.Tensor, ...]]
     layer: LayerStep  # decode_layer, for each layer in turn
-    end: Callable[[torch.Tensor], torch.Tensor]  # last hidden state -> logits
+    end: Callable[[torch.Tensor], torch.Tensor]  # the last layer's output, normed -> logits
 
 
 # (rows, columns, the parts to run) -> logits: the runner's decode step
@@ -58,7 +62,9 @@ PartedForward = Callable[[int, int, DecodeParts], torch.Tensor]
 
 def decode_layer(
     layer: torch.nn.Module,
+    next_norm: torch.nn.Module,
     hidden: torch.Tensor,
+    normed: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor,
@@ -66,11 +72,19 @@ def decode_layer(
     values: torch.Tensor,
     row_indices: torch.Tensor,
     write_column: torch.Tensor,
-) -> torch.Tensor:
-    """One decoder layer of a decode step. Its cache is made here from tensors, and the
-    columns it attends over from the mask's shape: nothing is specific to one layer."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer of a decode step: transformers' ``Glm4vTextDecoderLayer.forward``, step
+    for step, except that its input arrives already through its input norm (``normed``) and its
+    output also leaves through the next one (``next_norm``: the next layer's input norm, or the
+    model's final norm). That norm then runs in the same kernel as the layer's last residual add
+    (one kernel fewer per layer on a GPU, where each costs a launch). Its cache is made here
+    from tensors, and the columns it attends over from the mask's shape: nothing is specific to
+    one layer."""
     cache = LayerCache(keys, values, row_indices, write_column, columns=mask.shape[-1])
-    return layer(hidden, position_embeddings=(cos, sin), attention_mask=mask, cache=cache)
+    attended, _ = layer.self_attn(normed, position_embeddings=(cos, sin), attention_mask=mask, cache=cache)
+    hidden = hidden + layer.post_self_attn_layernorm(attended)
+    hidden = hidden + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
+    return hidden, next_norm(hidden)
 
 
 # With this tuning Inductor lowers a one-row matrix multiply (each of a single stream's steps)

@@ -8,14 +8,17 @@ prompt, in chunks of at most ``prefill_chunk_tokens`` (the scheduler decodes the
 between two chunks, so a long prompt does not stall it), and hands the keys and values to the
 running batch's static cache. A decode step runs the language
 model's own layers over that cache, with queries, keys and values projected by one matrix
-multiply; on a single CUDA device each layer is compiled with torch.compile and the step
-replayed from CUDA graphs.
+multiply and each layer's output handed on through the next layer's input norm; on a single
+CUDA device each layer is compiled with torch.compile and the step replayed from CUDA graphs.
+A model that accelerate spread over devices or offloaded runs each layer through its own
+forward instead, where accelerate's hooks move its inputs and weights.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +27,7 @@ from transformers import DynamicCache
 from glm4v_bento.engine import decode_attention, fused_qkv
 from glm4v_bento.engine.compiled_step import CompiledStep, DecodeParts, decode_layer
 from glm4v_bento.engine.decode_graphs import Capture, DecodeGraphs, Forward, cuda_capture
-from glm4v_bento.engine.kv_cache import StaticKVCache
+from glm4v_bento.engine.kv_cache import LayerCache, StaticKVCache
 from glm4v_bento.engine.loader import LoadedModel
 from glm4v_bento.engine.prompt import PreparedPrompt
 
@@ -90,6 +93,8 @@ class ModelRunner:
         self._vocab_limit = len(loaded.tokenizer)
         if fuse_qkv:
             fused_qkv.fuse_qkv(self._text_model)
+        # accelerate's hooks (a model spread over devices, or offloaded) run in each layer's own forward.
+        self._dispatched = any(hasattr(module, "_hf_hook") for module in self._text_model.modules())
         self.cache = StaticKVCache(
             self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype, max_rows=max_rows
         )
@@ -205,21 +210,39 @@ class ModelRunner:
         """One decode step of ``rows`` rows attending over ``columns`` cache columns; every input
         is read from the cache's fixed buffers, so a CUDA graph can record it as it is.
         ``parts``: its parts compiled (eager when None)."""
+        if self._dispatched:
+            return self._forward_dispatched(rows, columns)
         parts = parts or self._eager_parts
         cache, text = self.cache, self._text_model
-        hidden, cos, sin, mask = parts.begin(rows, columns)
-        # Decode has its own attention whichever kernel prefill uses: it takes this mask as it
-        # is, reads the KV heads without repeating them, and never syncs.
-        configured = text.config._attn_implementation
-        text.config._attn_implementation = decode_attention.NAME
-        try:
+        hidden, normed, cos, sin, mask = parts.begin(rows, columns)
+        # Each layer hands on its output through the norm that comes next (decode_layer).
+        next_norms = [layer.input_layernorm for layer in text.layers[1:]] + [text.norm]
+        with _decode_attention(text.config):
+            for index, (layer, next_norm) in enumerate(zip(text.layers, next_norms, strict=True)):
+                hidden, normed = parts.layer(
+                    layer, next_norm, hidden, normed, cos, sin, mask, *cache.layer_buffers(index)
+                )
+        return parts.end(normed)
+
+    def _forward_dispatched(self, rows: int, columns: int) -> torch.Tensor:
+        """The decode step of a model that accelerate spread over devices or offloaded: each layer
+        runs through its own forward, where accelerate's hooks bring its inputs and weights to
+        where it runs (a norm handed on from one layer to the next would miss them)."""
+        cache, text = self.cache, self._text_model
+        hidden, cos, sin, mask = self._decode_inputs(rows, columns)
+        with _decode_attention(text.config):
             for index, layer in enumerate(text.layers):
-                hidden = parts.layer(layer, hidden, cos, sin, mask, *cache.layer_buffers(index))
-        finally:
-            text.config._attn_implementation = configured
-        return parts.end(hidden)
+                layer_cache = LayerCache(*cache.layer_buffers(index), columns=columns)
+                hidden = layer(hidden, position_embeddings=(cos, sin), attention_mask=mask, cache=layer_cache)
+        return self._decode_end(text.norm(hidden))
 
     def _decode_begin(self, rows: int, columns: int) -> tuple[torch.Tensor, ...]:
+        """The running rows' next tokens embedded (as they are, and through the first layer's
+        input norm), their rotary embedding and attention mask."""
+        hidden, cos, sin, mask = self._decode_inputs(rows, columns)
+        return hidden, self._text_model.layers[0].input_layernorm(hidden), cos, sin, mask
+
+    def _decode_inputs(self, rows: int, columns: int) -> tuple[torch.Tensor, ...]:
         """The running rows' next tokens embedded, their rotary embedding and attention mask."""
         cache, text = self.cache, self._text_model
         hidden = text.embed_tokens(cache.tokens[:rows].unsqueeze(1))
@@ -230,8 +253,9 @@ class ModelRunner:
         mask.masked_fill_(~cache.mask[:rows, :, :, :columns], torch.finfo(hidden.dtype).min)
         return hidden, cos, sin, mask
 
-    def _decode_end(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(self._text_model.norm(hidden[:, -1]))
+    def _decode_end(self, normed: torch.Tensor) -> torch.Tensor:
+        """The last layer's output, already through the final norm -> logits."""
+        logits = self.model.lm_head(normed[:, -1])
         self._mask_padded_vocab(logits)
         return logits
 
@@ -296,6 +320,18 @@ class ModelRunner:
     def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
         if logits.shape[-1] > self._vocab_limit:
             logits[:, self._vocab_limit :] = float("-inf")
+
+
+@contextmanager
+def _decode_attention(text_config) -> Iterator[None]:
+    """Decode has its own attention whichever kernel prefill uses: it takes the step's mask as
+    it is, reads the KV heads without repeating them, and never syncs."""
+    configured = text_config._attn_implementation
+    text_config._attn_implementation = decode_attention.NAME
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = configured
 
 
 def _with_index(device: torch.device) -> torch.device:
