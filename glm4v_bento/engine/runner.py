@@ -95,6 +95,9 @@ class ModelRunner:
             fused_qkv.fuse_qkv(self._text_model)
         # accelerate's hooks (a model spread over devices, or offloaded) run in each layer's own forward.
         self._dispatched = any(hasattr(module, "_hf_hook") for module in self._text_model.modules())
+        # Each layer hands on its output through the norm that comes next (decode_layer).
+        layers = list(self._text_model.layers)
+        self._next_norms = [layer.input_layernorm for layer in layers[1:]] + [self._text_model.norm]
         self.cache = StaticKVCache(
             self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype, max_rows=max_rows
         )
@@ -215,10 +218,8 @@ class ModelRunner:
         parts = parts or self._eager_parts
         cache, text = self.cache, self._text_model
         hidden, normed, cos, sin, mask = parts.begin(rows, columns)
-        # Each layer hands on its output through the norm that comes next (decode_layer).
-        next_norms = [layer.input_layernorm for layer in text.layers[1:]] + [text.norm]
         with _decode_attention(text.config):
-            for index, (layer, next_norm) in enumerate(zip(text.layers, next_norms, strict=True)):
+            for index, (layer, next_norm) in enumerate(zip(text.layers, self._next_norms, strict=True)):
                 hidden, normed = parts.layer(
                     layer, next_norm, hidden, normed, cos, sin, mask, *cache.layer_buffers(index)
                 )
