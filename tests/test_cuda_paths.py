@@ -50,3 +50,19 @@ def test_graphs_are_captured_again_after_the_cache_grows(cuda_model, compiled):
     assert path["cuda_graphs_captured"] >= 1
     assert path["compiled"] == compiled
     assert [first, *batch] == [expected[0], *expected]
+
+
+def test_one_row_decodes_over_many_context_lengths_on_one_compilation(cuda_model, caplog):
+    """Without graphs each step runs at its own number of columns. On an H200 a one-row step
+    compiled at 207 columns was compiled again at 208 (and one compiled at 1791 again at 256):
+    SDPA's check of the mask's alignment. Steps now attend over multiples of 16 columns."""
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    engine = Engine(cuda_model, cuda_graphs=False, compile_decode=True)
+    try:
+        engine.generate([GenerationRequest("tell me more " * 5, params=params)])
+        compiled = engine.runner.compiled
+    finally:
+        engine.close()
+    assert compiled is not None and compiled.enabled
+    assert compiled.compilations == 1, "compiled again (see the log)"
+    assert "compiled again" not in caplog.text

@@ -113,6 +113,32 @@ def test_each_prompt_alone_matches_transformers(runner, prompts, references):
 
 
 def test_rows_that_join_and_leave_at_different_times_match_transformers(runner, prompts, references):
+    join_and_leave(runner, prompts, references)
+    if runner.graphs is not None:
+        assert runner.graphs.enabled and runner.graphs.captured >= 2
+
+
+def test_steps_attend_over_a_multiple_of_16_columns_past_the_newest_masked(loaded_model, prompts, references):
+    """On a GPU, SDPA checks whether the mask's rows are 8-aligned, and torch.compile compiled the
+    one-row step again (9-17 s on an H200, mid-serving) when a step's columns first went from
+    unaligned to aligned. So every step attends over a multiple of 16 columns, within the
+    buffers, the columns past each row's newest one masked; logits stay transformers'."""
+    runner = ModelRunner(loaded_model, max_rows=8)
+    forward, seen = runner._forward, set()
+
+    def checked(rows: int, columns: int) -> torch.Tensor:
+        cache, newest = runner.cache, runner.cache.width
+        assert columns % 16 == 0 and newest < columns <= cache.usable_columns
+        assert cache.mask[:rows, 0, 0, newest].all() and not cache.mask[:rows, 0, 0, newest + 1 : columns].any()
+        seen.add(newest + 1)
+        return forward(rows, columns)
+
+    runner._forward = checked  # the step as decode runs it without graphs
+    join_and_leave(runner, prompts, references)
+    assert any(newest % 16 for newest in seen) and len(seen) > 10  # rounded up often, over many widths
+
+
+def join_and_leave(runner, prompts, references) -> None:
     """A short row runs; a longer one joins (the running row shifts right); two more join as a
     group; the first ones leave (the batch is compacted and its padding cut); the rest go on."""
     done = {}  # row's reference index -> steps taken
@@ -145,8 +171,6 @@ def test_rows_that_join_and_leave_at_different_times_match_transformers(runner, 
     while done[2] < STEPS:
         step([2])
     assert runner.rows == 1
-    if runner.graphs is not None:
-        assert runner.graphs.enabled and runner.graphs.captured >= 2
 
 
 def test_decoding_past_the_cache_capacity_grows_it_and_stays_exact(loaded_model, engine):

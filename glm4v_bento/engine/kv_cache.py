@@ -3,7 +3,8 @@
 Each layer keeps keys and values as (rows, kv_heads, columns, head_dim). The running rows
 are 0..rows-1 and are right-aligned: every row's newest token sits in column ``width - 1``,
 so one decode step writes all rows' new keys and values into the same column (``width``)
-and attention reads the first ``width + 1`` columns; a row shorter than the longest is
+and attention reads the first ``width + 1`` columns (rounded up to a multiple of 16, the
+rest masked); a row shorter than the longest is
 padded on the left and masked out. Nothing is concatenated per step, and the addresses
 stay fixed between steps, which is what lets a decode step be captured in a CUDA graph.
 
@@ -25,6 +26,11 @@ from typing import Any
 import torch
 
 _COLUMN_ALIGN = 256  # column capacity is a multiple of this (aligned attention-mask rows)
+# A step attends over a multiple of this many columns; those past its newest are masked. A
+# compiled step then only ever meets one case of SDPA's CUDA check on the mask's row alignment
+# (8 values): on an H200, torch.compile compiled the one-row step again, for 9-17 s while every
+# stream waited, the first time a step's columns went from unaligned to aligned.
+STEP_COLUMNS_MULTIPLE = 16
 RELEASE_COLUMNS = 4096  # buffers grown past this are given back when the batch empties
 
 
@@ -120,7 +126,8 @@ class StaticKVCache:
     # --- one decode step
 
     def prepare_step(self, tokens: list[int]) -> int:
-        """Load each running row's next token and open column ``width`` -> columns to attend over."""
+        """Load each running row's next token and open column ``width`` -> columns to attend over:
+        through ``width``, rounded up to a multiple of STEP_COLUMNS_MULTIPLE (the rest masked)."""
         self.reserve(self.rows, self.width + 1, None)
         # Through a pinned buffer: an asynchronous copy, not a wait for the device. (The buffer is
         # free again by the next step: reading the sampled tokens back waited for this copy.)
@@ -132,7 +139,7 @@ class StaticKVCache:
         # Every row, spare ones included, sees its own new token: a spare row used by a captured
         # graph then never attends over nothing (that would write NaN into the cache).
         self.mask[:, 0, 0, self.width] = True
-        return self.width + 1
+        return -(-(self.width + 1) // STEP_COLUMNS_MULTIPLE) * STEP_COLUMNS_MULTIPLE
 
     def finish_step(self) -> None:
         self.width += 1
@@ -147,10 +154,11 @@ class StaticKVCache:
 
     @property
     def usable_columns(self) -> int:
-        """The most columns a step attends over. One column of the buffers always stays spare,
-        so a step's slice of them is never the whole width: compiled code would need a second
-        variant for that case (torch.compile compiles again when it first meets it)."""
-        return max(0, self.column_capacity - 1)
+        """The most columns a step attends over, a multiple of STEP_COLUMNS_MULTIPLE. Some columns
+        of the buffers always stay spare, so a step's slice of them is never the whole width:
+        compiled code would need a second variant for that case (torch.compile compiles again
+        when it first meets it)."""
+        return max(0, self.column_capacity - STEP_COLUMNS_MULTIPLE)
 
     def reserve(self, rows: int, columns: int, layer_devices: list[torch.device] | None = None) -> None:
         """Room for ``rows`` x ``columns`` (grown as needed, never shrunk here)."""
@@ -164,7 +172,7 @@ class StaticKVCache:
         # columns could ask for tens of GB at once (while the old buffers are still held).
         column_capacity = self.column_capacity
         if columns > self.usable_columns:
-            column_capacity = max(columns + 1, column_capacity * 5 // 4, 2 * _COLUMN_ALIGN)
+            column_capacity = max(columns + STEP_COLUMNS_MULTIPLE, column_capacity * 5 // 4, 2 * _COLUMN_ALIGN)
             column_capacity = -(-column_capacity // _COLUMN_ALIGN) * _COLUMN_ALIGN
         devices = layer_devices or [keys.device for keys in self.keys]
         shape = (row_capacity, self.kv_heads, column_capacity, self.head_dim)
