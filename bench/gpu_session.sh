@@ -7,6 +7,8 @@
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the targets
+#   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
+#                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
 #                   as kernels alone, replayed back to back and with each token read back, and the step's
 #                   kernels with the FlexAttention experiment
@@ -55,8 +57,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served profile pdl combo one-row-gemm unfused-qkv profile-long compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -98,7 +100,9 @@ for name in $STEPS; do
     one-row-gemm) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option coordinate_descent_tuning=false --section gpu-bench-one-row-gemm --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only)" \
+    mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
+      --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
+    *) echo "== unknown step $name (known: gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

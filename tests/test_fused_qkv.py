@@ -3,6 +3,8 @@ weights; what they compute is checked against transformers' generate in test_dec
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from test_decode_reference import REQUESTS, STEPS, Reference, decode_alone
 
@@ -76,8 +78,15 @@ def test_a_compiled_one_row_step_leaves_no_weight_to_the_gemm_library(tiny_model
     multiply by a weight (queries-keys-values, output, MLP up and down) is a reduction that
     Inductor generates and tunes, none a GEMM library call (mm, addmm). Fake tensors: no GPU
     needed. Attention's batched multiplies over the cache are not weights and stay."""
-    from collections import Counter
+    graph = trace_one_row_layer(tiny_model_dir, monkeypatch)
+    ops = Counter(node.target for node in graph.graph.nodes if node.op == "call_function")
+    assert ops[torch.ops.aten.mm.default] == 0 and ops[torch.ops.aten.addmm.default] == 0
+    assert len(weight_sums(graph)) == 4
 
+
+def trace_one_row_layer(tiny_model_dir, monkeypatch) -> torch.fx.GraphModule:
+    """A one-row decode layer (q/k/v fused) traced as torch.compile traces it for a CUDA device:
+    fake tensors, Inductor's decompositions, the engine's compile options."""
     from torch._inductor import config as inductor_config
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -100,10 +109,10 @@ def test_a_compiled_one_row_step_leaves_no_weight_to_the_gemm_library(tiny_model
             fuse_qkv(text)
             hidden = torch.zeros(1, 1, config.hidden_size)
             cos, sin = text.rotary_emb(hidden, position_ids=torch.zeros(3, 1, 1, dtype=torch.long))
-            keys = torch.zeros(2, kv_heads, columns + 1, head_dim)
+            keys = torch.zeros(2, kv_heads, columns + 16, head_dim)
             inputs = (hidden, hidden, cos, sin, torch.zeros(1, 1, 1, columns), keys, torch.zeros_like(keys))
             indices = (torch.arange(2), torch.zeros(2, dtype=torch.long))  # rows, write column
-            graph = make_fx(
+            return make_fx(
                 lambda *tensors: decode_layer(text.layers[0], text.norm, *tensors),
                 decomposition_table=select_decomp_table(),
                 tracing_mode="fake",
@@ -111,15 +120,14 @@ def test_a_compiled_one_row_step_leaves_no_weight_to_the_gemm_library(tiny_model
     finally:
         torch.set_default_dtype(default_dtype)
 
-    ops = Counter(node.target for node in graph.graph.nodes if node.op == "call_function")
-    assert ops[torch.ops.aten.mm.default] == 0 and ops[torch.ops.aten.addmm.default] == 0
-    # One reduction over a weight per projection: queries-keys-values together, output, up, down.
-    weight_sums = [
+
+def weight_sums(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The one-row reductions over a weight, in order: queries-keys-values, output, MLP up, down."""
+    return [
         node
         for node in graph.graph.nodes
         if node.target == torch.ops.aten.sum.dim_IntList and node.args[0].meta["val"].dim() == 3
     ]
-    assert len(weight_sums) == 4
 
 
 def test_out_of_memory_while_joining_leaves_the_layers_left_as_they_were(tiny_model_dir, engine, monkeypatch, caplog):

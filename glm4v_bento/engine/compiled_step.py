@@ -42,8 +42,16 @@ from glm4v_bento.engine.kv_cache import LayerCache
 logger = logging.getLogger(__name__)
 
 # (layer, next norm, hidden, normed, cos, sin, mask, keys, values, row indices, write column)
-# -> the layer's output, and that output through the next norm
-LayerStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# -> the layer's output, and that output through the next norm (then, stored, its MLP's activation)
+LayerStep = Callable[..., tuple[torch.Tensor, ...]]
+
+# An experiment, off unless set (gpu_bench's --store-mlp-activation): each decode layer also
+# returns its MLP's activation (the up projection times the SiLU of the gate). Inductor always
+# stores a graph output, so the activation is computed once, in a small kernel of its own;
+# otherwise it is inlined into the one-row reduction of the down projection, where each block of
+# output columns computes all of its SiLUs again. On an H200 that reduction read its weights at
+# 2.3 TB/s, against 3.2-4.1 TB/s for the layer's other projections (docs/benchmarks.md).
+STORE_MLP_ACTIVATION = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ def decode_layer(
     values: torch.Tensor,
     row_indices: torch.Tensor,
     write_column: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """One decoder layer of a decode step: transformers' ``Glm4vTextDecoderLayer.forward``, step
     for step, except that its input arrives already through its input norm (``normed``) and its
     output also leaves through the next one (``next_norm``: the next layer's input norm, or the
@@ -83,8 +91,14 @@ def decode_layer(
     cache = LayerCache(keys, values, row_indices, write_column, columns=mask.shape[-1])
     attended, _ = layer.self_attn(normed, position_embeddings=(cos, sin), attention_mask=mask, cache=cache)
     hidden = hidden + layer.post_self_attn_layernorm(attended)
-    hidden = hidden + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
-    return hidden, next_norm(hidden)
+    if not STORE_MLP_ACTIVATION:
+        hidden = hidden + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
+        return hidden, next_norm(hidden)
+    mlp = layer.mlp  # transformers' Glm4vTextMLP.forward, its activation kept
+    gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+    activation = up * mlp.activation_fn(gate)
+    hidden = hidden + layer.post_mlp_layernorm(mlp.down_proj(activation))
+    return hidden, next_norm(hidden), activation
 
 
 # With this tuning Inductor lowers a one-row matrix multiply (each of a single stream's steps)

@@ -222,7 +222,7 @@ class ModelRunner:
             for index, (layer, next_norm) in enumerate(zip(text.layers, self._next_norms, strict=True)):
                 hidden, normed = parts.layer(
                     layer, next_norm, hidden, normed, cos, sin, mask, *cache.layer_buffers(index)
-                )
+                )[:2]
         return parts.end(normed)
 
     def _forward_dispatched(self, rows: int, columns: int) -> torch.Tensor:
