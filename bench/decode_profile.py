@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import build_model, copy_bandwidth, decode_weight_bytes, describe_decode
 from report import machine_name, publish
 
-from glm4v_bento.engine import GenerationRequest, SamplingParams, decode_attention
+from glm4v_bento.engine import GenerationRequest, SamplingParams, compiled_step, decode_attention
 from glm4v_bento.engine.decode_graphs import Capture, cuda_capture
 from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
@@ -178,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="then profile the steps again with FlexAttention (the experiment in decode_attention.py)",
     )
+    parser.add_argument(
+        "--store-mlp-activation",
+        action="store_true",
+        help="then profile and time the steps again with each compiled layer storing its MLP activation "
+        "(the experiment in compiled_step.py): a before/after in one process",
+    )
     parser.add_argument("--timed-steps", type=int, default=50, help="steps in each run of the step timings")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path)
@@ -231,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         return lines + (step_timings(runner, step_us, read, bandwidth, args.timed_steps, capture) if timings else [])
 
     decode_tables = decode_table("Decode step", timings=True)
+    if args.store_mlp_activation:
+        compiled_step.STORE_MLP_ACTIVATION = True  # the next step compiles again, storing it
+        try:
+            decode_tables += ["With each compiled layer storing its MLP activation:", ""]
+            decode_tables += decode_table("Decode step, MLP activation stored", timings=True)
+        finally:
+            compiled_step.STORE_MLP_ACTIVATION = False
     if args.flex:
         decode_attention.use_flex_decoding(True)  # the next step compiles again, through FlexAttention
         try:

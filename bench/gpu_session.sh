@@ -10,15 +10,16 @@
 #   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
 #                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
-#                   as kernels alone, replayed back to back and with each token read back, and the step's
-#                   kernels with the FlexAttention experiment
+#                   as kernels alone, replayed back to back and with each token read back; then the same
+#                   with the MLP activation stored (the mlp-activation experiment, in the same process)
 #   pdl             as served plus Inductor's programmatic dependent launch, Hopper on (gpu-bench-pdl), 128 new tokens
 #   combo           as served plus Inductor's combo kernels: independent small kernels (rotary embedding of
 #                   queries and keys, the cache writes) launched as one (gpu-bench-combo), 128 new tokens
 #   one-row-gemm    as served but coordinate-descent tuning off: a single stream's multiplies stay library GEMMs
 #                   (gpu-bench-one-row-gemm), 128 new tokens
 #   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
-#   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length
+#   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length, and
+#                   the step's kernels with the FlexAttention experiment
 #   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
 #   compile         how long torch.compile holds decoding up, on the real architecture
@@ -83,7 +84,8 @@ for name in $STEPS; do
     prefill-chunks) step "$name" "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
       --repeats 2 --output "$report" ;;
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
-    profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex --output "$report" ;;
+    profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --store-mlp-activation \
+      --output "$report" ;;
     profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex \
       --prompt-words "$long_words" --section decode-profile-long --output "$report" ;;
     eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \

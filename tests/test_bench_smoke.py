@@ -228,10 +228,13 @@ def test_compile_bench_times_each_event_and_stays_compiled(tmp_path):
 def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
     bench = _load("decode_profile")
     output = tmp_path / "benchmarks.md"
-    assert bench.main(["--steps", "2", "--top", "5", "--flex", "--output", str(output)]) == 0
+    arguments = ["--steps", "2", "--top", "5", "--timed-steps", "3", "--flex", "--store-mlp-activation"]
+    assert bench.main([*arguments, "--output", str(output)]) == 0
     text = output.read_text()
     assert "**Decode step**" in text and "**Prefill of one 112x112 image" in text
     assert "**Decode step, FlexAttention**" in text
+    assert "**Decode step, MLP activation stored**" in text
+    assert text.count("**Decode step of 1 row(s) over") == 2  # timed as served, and with it stored
     assert "| matrix multiply |" in text and "| attention |" in text
     shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in text.splitlines() if line.endswith("% |")]
     assert shares and all(0 <= share <= 100 for share in shares)
