@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1'...")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="'auto' picks bfloat16 on CUDA and float32 on CPU."
+        "auto",
+        description="'auto' picks bfloat16 on CUDA (float16 on GPUs without native bfloat16: V100, T4) "
+        "and float32 on CPU.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel used by the language model and vision encoder."

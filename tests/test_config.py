@@ -54,3 +54,20 @@ def test_missing_local_model_gives_a_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match="could not load model"):
         load_model(str(tmp_path))  # an empty directory is no checkpoint
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((9, 0), "bfloat16"), ((8, 0), "bfloat16"), ((7, 0), "float16")])
+def test_auto_dtype_on_a_gpu_without_native_bfloat16_is_float16_with_a_warning(
+    monkeypatch, caplog, capability, expected
+):
+    """A V100 or T4 (compute capability 7.x) only emulates bfloat16: auto picks float16 there, and says so."""
+    import torch
+
+    from glm4v_bento.engine.loader import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    assert resolve_dtype("auto", torch.device("cuda")) == getattr(torch, expected)
+    assert ("no native bfloat16" in caplog.text) == (expected == "float16")
+    assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16  # asked for: as asked

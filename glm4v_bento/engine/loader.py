@@ -60,7 +60,18 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+            # V100, T4: no native bfloat16 (PyTorch emulates it, slowly). float16 has the same size.
+            logger.warning(
+                "%s has no native bfloat16 (compute capability %d.%d): loading in float16. The model "
+                "was trained in bfloat16; if answers come out empty or garbled (overflow), set dtype=float32.",
+                torch.cuda.get_device_name(device),
+                *torch.cuda.get_device_capability(device),
+            )
+            return torch.float16
+        return torch.bfloat16
     try:
         return _DTYPES[dtype]
     except KeyError:
