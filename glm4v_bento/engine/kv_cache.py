@@ -4,9 +4,9 @@ Each layer keeps keys and values as (rows, kv_heads, columns, head_dim). The run
 are 0..rows-1 and are right-aligned: every row's newest token sits in column ``width - 1``,
 so one decode step writes all rows' new keys and values into the same column (``width``)
 and attention reads the first ``width + 1`` columns (rounded up to a multiple of 16, the
-rest masked); a row shorter than the longest is
-padded on the left and masked out. Nothing is concatenated per step, and the addresses
-stay fixed between steps, which is what lets a decode step be captured in a CUDA graph.
+rest masked); a row shorter than the longest is padded on the left and masked out. Nothing
+is concatenated per step, and the addresses stay fixed between steps, which is what lets a
+decode step be captured in a CUDA graph.
 
 Rows join after their prefill (copied in once), leave by compaction (the kept rows move
 up), and columns that became padding for every row are cut from the left. Buffers grow
@@ -28,8 +28,9 @@ import torch
 _COLUMN_ALIGN = 256  # column capacity is a multiple of this (aligned attention-mask rows)
 # A step attends over a multiple of this many columns; those past its newest are masked. A
 # compiled step then only ever meets one case of SDPA's CUDA check on the mask's row alignment
-# (8 values): on an H200, torch.compile compiled the one-row step again, for 9-17 s while every
-# stream waited, the first time a step's columns went from unaligned to aligned.
+# (8 values). On an H200, torch.compile compiled the one-row step again (9-17 s while every
+# stream waited) the first time a step's columns went from unaligned to aligned: most likely
+# that check.
 STEP_COLUMNS_MULTIPLE = 16
 RELEASE_COLUMNS = 4096  # buffers grown past this are given back when the batch empties
 
