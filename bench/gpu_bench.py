@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         # prefill (the engine's own prefill timing may end while kernels still run).
         prefill = statistics.median(engine.generate([request(50, 1, image)])[0].timings.total_s for _ in range(3))
         rows = [("1", 1, *decode_rate(engine, 1, tokens))]
+        # The overlap experiment (glm4v_bento/engine/overlap.py) on the same engine, in the same run.
+        engine.scheduler.overlap_steps = True
+        rows.append(("1, steps overlapped (experiment)", 1, *decode_rate(engine, 1, tokens)))
+        engine.scheduler.overlap_steps = False
         # What a user of a vision model decodes over: the image's tokens are most of the context.
         print("# 1 sequence after the image ...", file=sys.stderr, flush=True)
         rows.append((f"1, after the {image.width}x{image.height} image", 1, *decode_rate(engine, 1, tokens, image)))

@@ -58,15 +58,27 @@ def random_requests(rng: random.Random, count: int) -> list[GenerationRequest]:
     return requests
 
 
-@pytest.mark.parametrize(("seed", "compiled"), [(1, False), (2, False), (3, True)])
-def test_greedy_answers_survive_a_random_mix_of_arrivals_and_cancellations(loaded_model, engine, seed, compiled):
-    """``compiled``: the decode step also goes through torch.compile, as served on a GPU."""
+@pytest.mark.parametrize(
+    ("seed", "compiled", "overlap"), [(1, False, False), (2, False, False), (3, True, False), (4, False, True)]
+)
+def test_greedy_answers_survive_a_random_mix_of_arrivals_and_cancellations(
+    loaded_model, engine, seed, compiled, overlap
+):
+    """``compiled``: the decode step also goes through torch.compile, as served on a GPU.
+    ``overlap``: each step is launched before the tokens of the one before are read back."""
     rng = random.Random(seed)
     requests = random_requests(rng, 18)
     alone = [engine.generate([request])[0] for request in requests]
 
     limits = SchedulerLimits(max_running=4)
-    soak = Engine(loaded_model, limits=limits, prefill_chunk_tokens=7, cuda_graphs=False, compile_decode=compiled)
+    soak = Engine(
+        loaded_model,
+        limits=limits,
+        prefill_chunk_tokens=7,
+        cuda_graphs=False,
+        compile_decode=compiled,
+        overlap_steps=overlap,
+    )
     graphs = soak.runner.use_graphs(strict_replay(soak.runner.cache))
     timers = []
     try:

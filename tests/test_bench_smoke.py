@@ -51,6 +51,7 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| 1 |" in table and "| 2 |" in table and "of bound" in table
     assert "| 1, after the 112x112 image |" in table  # one stream over an image prompt's context
+    assert "| 1, steps overlapped (experiment) |" in table  # the overlap experiment, same engine, same run
 
 
 def test_gpu_bench_real_architecture_matches_the_published_size():

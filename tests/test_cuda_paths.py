@@ -66,3 +66,16 @@ def test_one_row_decodes_over_many_context_lengths_on_one_compilation(cuda_model
     assert compiled is not None and compiled.enabled
     assert compiled.compilations == 1, "compiled again (see the log)"
     assert "compiled again" not in caplog.text
+
+
+def test_overlapped_steps_give_the_answers_of_steps_waited_for(cuda_model):
+    """Each step launched before the tokens of the one before are read back (pinned memory, an
+    event per step): the same greedy answers as the steps the host waits for."""
+    answers = []
+    for overlap in (False, True):
+        engine = Engine(cuda_model, cuda_graphs=True, compile_decode=False, overlap_steps=overlap)
+        try:
+            answers.append([result.text for result in engine.generate(requests(8))])
+        finally:
+            engine.close()
+    assert answers[1] == answers[0]

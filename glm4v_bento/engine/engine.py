@@ -31,6 +31,7 @@ class Engine:
         prefill_chunk_tokens: int | None = None,
         sampling_defaults: SamplingDefaults | None = None,
         fuse_qkv: bool = True,
+        overlap_steps: bool = False,
     ) -> None:
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
@@ -52,6 +53,7 @@ class Engine:
             limits,
             default_max_new_tokens=default_max_new_tokens,
             sampling_defaults=self.sampling_defaults,
+            overlap_steps=overlap_steps,
         )
 
     @classmethod

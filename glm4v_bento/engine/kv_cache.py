@@ -126,15 +126,19 @@ class StaticKVCache:
 
     # --- one decode step
 
-    def prepare_step(self, tokens: list[int]) -> int:
-        """Load each running row's next token and open column ``width`` -> columns to attend over:
-        through ``width``, rounded up to a multiple of STEP_COLUMNS_MULTIPLE (the rest masked)."""
+    def prepare_step(self, tokens: list[int] | torch.Tensor) -> int:
+        """Load each running row's next token (from the host, or already on the device) and open
+        column ``width`` -> columns to attend over: through ``width``, rounded up to a multiple of
+        STEP_COLUMNS_MULTIPLE (the rest masked)."""
         self.reserve(self.rows, self.width + 1, None)
-        # Through a pinned buffer: an asynchronous copy, not a wait for the device. (The buffer is
-        # free again by the next step: reading the sampled tokens back waited for this copy.)
-        staged = self._host_tokens[: self.rows]
-        staged.copy_(torch.tensor(tokens, dtype=torch.long))
-        self.tokens[: self.rows].copy_(staged, non_blocking=True)
+        if isinstance(tokens, torch.Tensor):  # sampled on the device at the step before: no round trip
+            self.tokens[: self.rows].copy_(tokens)
+        else:
+            # Through a pinned buffer: an asynchronous copy, not a wait for the device. (The buffer
+            # is free again by the next step: reading the sampled tokens back waited for this copy.)
+            staged = self._host_tokens[: self.rows]
+            staged.copy_(torch.tensor(tokens, dtype=torch.long))
+            self.tokens[: self.rows].copy_(staged, non_blocking=True)
         for write_column in {id(t): t for t in self._write_columns}.values():
             write_column.fill_(self.width)
         # Every row, spare ones included, sees its own new token: a spare row used by a captured

@@ -197,8 +197,9 @@ class ModelRunner:
         self.cache.clear()
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int]) -> torch.Tensor:
-        """Feed each running row its last sampled token -> next-token logits (rows in order)."""
+    def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """Feed each running row its last sampled token (a list, or a tensor already on the model's
+        device) -> next-token logits (rows in order)."""
         rows = self.cache.rows
         # The scheduler thread's current CUDA device is cuda:0 whatever the model's: graphs are
         # captured on the current device's streams, so it must be the model's.

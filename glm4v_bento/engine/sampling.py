@@ -15,10 +15,17 @@ from glm4v_bento.engine.sequence import Sequence
 @torch.inference_mode()
 def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     """``logits`` is (rows, vocab) for the last position of each sequence, in order (left unchanged)."""
+    return next_token_tensor(logits, sequences).tolist()
+
+
+@torch.inference_mode()
+def next_token_tensor(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """The same tokens as a (rows,) tensor on the logits' device, not waited for: the device
+    computes them after the work already queued."""
     penalised = [i for i, seq in enumerate(sequences) if _penalised(seq)]
     sampled = [i for i, seq in enumerate(sequences) if not seq.params.greedy]
     if not penalised and not sampled:  # all greedy: the argmax of the logits as they are
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     logits = logits.float().clone() if penalised else logits.float()
     for i in penalised:
         seq, params = sequences[i], sequences[i].params
@@ -32,7 +39,7 @@ def sample_next_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
         tokens[rows] = _draw(logits[rows], [sequences[i] for i in sampled])
-    return tokens.tolist()
+    return tokens
 
 
 def _draw(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:

@@ -22,10 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from glm4v_bento.engine.handle import RequestHandle
+from glm4v_bento.engine.overlap import PendingTokens
 from glm4v_bento.engine.prompt import PromptBuilder, PromptError
 from glm4v_bento.engine.runner import ModelRunner, Prefilled, PrefillJob
-from glm4v_bento.engine.sampling import sample_next_tokens, token_logprobs
+from glm4v_bento.engine.sampling import next_token_tensor, sample_next_tokens, token_logprobs
 from glm4v_bento.engine.sequence import Sequence
 from glm4v_bento.engine.types import (
     MAX_LOGPROBS,
@@ -83,8 +86,13 @@ class Scheduler:
         *,
         default_max_new_tokens: int,
         sampling_defaults: SamplingDefaults | None = None,
+        overlap_steps: bool = False,
     ) -> None:
         self.runner = runner
+        # Launch each decode step before reading back the tokens of the one before (overlap.py).
+        self.overlap_steps = overlap_steps
+        self._pending: PendingTokens | None = None
+        self._staging: torch.Tensor | None = None  # pinned, for the tokens' way back from a GPU
         self.prompts = prompts
         self.limits = limits
         self.default_max_new_tokens = default_max_new_tokens
@@ -323,22 +331,45 @@ class Scheduler:
             self._start_now([one])
 
     def _step(self) -> None:
+        rows = list(self._running)
+        pending, self._pending = self._pending, None
         try:
-            logits = self.runner.decode([seq.output_ids[-1] for seq, _ in self._running])
+            logits = self.runner.decode(pending.feed(rows) if pending else [seq.output_ids[-1] for seq, _ in rows])
         except Exception as exc:
-            logger.exception("a decode step of %d rows failed", len(self._running))
+            logger.exception("a decode step of %d rows failed", len(rows))
             self._fail_everything("error", exc)
             return
-        self._sample(self._running, logits)
+        if pending is not None:  # the step before's tokens, read back while this one runs
+            self._take(pending.rows, pending.wait())
+        if self.overlap_steps and not any(seq.request.logprobs is not None for seq, _ in rows):
+            tokens = next_token_tensor(logits, [seq for seq, _ in rows])
+            self._pending = PendingTokens(rows, tokens, self._staging_for(tokens))
+        else:
+            self._sample(rows, logits)
         self._prune()
+
+    def _staging_for(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        if tokens.device.type != "cuda":
+            return None
+        if self._staging is None or len(self._staging) < len(tokens):
+            self._staging = torch.empty(max(len(tokens), self.limits.max_running), dtype=tokens.dtype, pin_memory=True)
+        return self._staging
 
     def _sample(self, rows: list[tuple[Sequence, RequestHandle]], logits) -> None:
         sequences = [seq for seq, _ in rows]
         tokens = sample_next_tokens(logits, sequences)
         logprobs = token_logprobs(logits, sequences, tokens)
-        for (seq, handle), token, found in zip(rows, tokens, logprobs, strict=True):
-            if found is not None:
+        for (seq, _), token, found in zip(rows, tokens, logprobs, strict=True):
+            if found is not None and not seq.finished:
                 seq.add_logprobs(token, *found)
+        self._take(rows, tokens)
+
+    def _take(self, rows: list[tuple[Sequence, RequestHandle]], tokens: list[int]) -> None:
+        """Each row's next token. A row that finished meanwhile (its token came from a step it
+        only rode along on, or it was cancelled) takes none."""
+        for (seq, handle), token in zip(rows, tokens, strict=True):
+            if seq.finished:
+                continue
             seq.append(token)
             handle.emit(seq.take_delta(), seq.take_logprobs())
 
@@ -354,6 +385,8 @@ class Scheduler:
         keep = [row for row, (seq, _) in enumerate(self._running) if not seq.finished]
         if len(keep) == len(self._running):
             return
+        if not keep:  # tokens still on their way can only be those of finished rows
+            self._pending = None
         for seq, handle in self._running:
             if seq.finished:
                 self._deliver(seq, handle)
@@ -411,6 +444,7 @@ class Scheduler:
     def _fail_everything(self, reason: Literal["cancelled", "error"], error: BaseException | None) -> None:
         """End every running row (a failed step, or shutdown) and, on shutdown, every waiting one."""
         running, self._running = self._running, []
+        self._pending = None
         self.runner.clear()
         if reason == "cancelled" and self._prefilling is not None:  # shutdown: theirs ends too
             running += self._prefilling.rows
