@@ -6,7 +6,8 @@
 # Writes benchmarks.md and a log into $OUT (or bench/results/). The steps, most wanted first,
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
-#   served          the engine as served (gpu-bench): the targets
+#   served          the engine as served (gpu-bench): the targets; also one stream with the overlapped-steps
+#                   experiment, on the same engine in the same run
 #   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
 #                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
