@@ -19,6 +19,8 @@
 #   one-row-gemm    as served but coordinate-descent tuning off: a single stream's multiplies stay library GEMMs
 #                   (gpu-bench-one-row-gemm), 128 new tokens
 #   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
+#   wider-tuning    as served but coordinate descent searches further (all directions, radius 2) for each kernel's
+#                   launch sizes: the q/k/v and output reductions read at 3.2-3.4 TB/s (gpu-bench-wider-tuning)
 #   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length, and
 #                   the step's kernels with the FlexAttention experiment
 #   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
@@ -59,8 +61,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long wider-tuning compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -102,10 +104,13 @@ for name in $STEPS; do
       --output "$report" ;;
     one-row-gemm) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option coordinate_descent_tuning=false --section gpu-bench-one-row-gemm --output "$report" ;;
+    wider-tuning) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
+      --compile-option coordinate_descent_check_all_directions=true --compile-option coordinate_descent_search_radius=2 \
+      --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

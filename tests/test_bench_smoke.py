@@ -125,7 +125,7 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "benchmarks.md").read_text()
     sections = ["gpu-bench", "gpu-bench-mlp-activation", "gpu-bench-unfused-qkv", "gpu-bench-pdl", "gpu-bench-combo"]
-    sections += ["gpu-bench-one-row-gemm"]
+    sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning"]
     sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
     for section in [*sections, "compile-time", "decode-profile", "decode-profile-long"]:
         assert f"<!-- {section}:start -->" in report
