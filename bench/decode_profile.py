@@ -152,6 +152,11 @@ def step_timings(
     ]
 
 
+def new_capture(device: torch.device) -> Capture | None:
+    """How the step timings record graphs: CUDA's on a GPU, none on a CPU."""
+    return cuda_capture() if device.type == "cuda" else None
+
+
 def _per_step_ms(work, repeats: int) -> float:
     runs = []
     for _ in range(3):
@@ -213,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     read = decode_weight_bytes(loaded.model)
     bandwidth = copy_bandwidth(device, 64 if device.type == "cpu" else 2048)
     unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
-    capture = cuda_capture() if device.type == "cuda" else None
 
     def decode_table(title: str, timings: bool = False) -> list[str]:
         for _ in range(3):  # compiles, where it is compiled
@@ -234,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             "to back, before the gaps between kernels and the host's share of a step."
         )
         lines = [summary, "", *table(title, times, args.steps, args.top, unit)]
-        return lines + (step_timings(runner, step_us, read, bandwidth, args.timed_steps, capture) if timings else [])
+        if not timings:
+            return lines
+        # A capture of its own each time: the graphs of the last timings are gone, and PyTorch
+        # refuses to capture into a memory pool whose graphs were all freed.
+        return lines + step_timings(runner, step_us, read, bandwidth, args.timed_steps, new_capture(device))
 
     decode_tables = decode_table("Decode step", timings=True)
     if args.store_mlp_activation:

@@ -241,6 +241,39 @@ def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
     assert shares and all(0 <= share <= 100 for share in shares)
 
 
+def test_decode_profile_times_each_variant_with_graphs_in_a_pool_of_its_own(tmp_path, monkeypatch):
+    """The profile times the step as served, then with the MLP activation stored, each from
+    CUDA graphs. The first one's graphs are gone by the second, and PyTorch refuses a capture
+    into a memory pool whose graphs were all freed: a stand-in capture enforces that here."""
+    import weakref
+
+    bench = _load("decode_profile")
+
+    def pool_checking_capture():
+        live: dict[int, weakref.WeakSet] = {}
+
+        def capture(step, pool):
+            if pool in live and not live[pool]:
+                raise RuntimeError(f"capture into memory pool {pool}, whose graphs were all freed")
+            logits = step()
+
+            def replay() -> None:
+                logits.copy_(step())
+
+            live.setdefault(pool, weakref.WeakSet()).add(replay)
+            return replay, logits
+
+        return capture
+
+    monkeypatch.setattr(bench, "new_capture", lambda device: pool_checking_capture())
+    output = tmp_path / "benchmarks.md"
+    arguments = ["--steps", "2", "--top", "3", "--timed-steps", "2", "--store-mlp-activation"]
+    assert bench.main([*arguments, "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text.count("replayed from a CUDA graph, steps back to back") == 2
+    assert "capture failed" not in text
+
+
 @pytest.mark.parametrize(
     ("kernel", "group"),
     [
