@@ -13,16 +13,16 @@
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
 #                   as kernels alone, replayed back to back and with each token read back; then the same
 #                   with the MLP activation stored (the mlp-activation experiment, in the same process)
+#   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length, and
+#                   the step's kernels with the FlexAttention experiment
+#   wider-tuning    as served but coordinate descent searches further (all directions, radius 2) for each kernel's
+#                   launch sizes: the q/k/v and output reductions read at 3.2-3.4 TB/s (gpu-bench-wider-tuning)
+#   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
 #   pdl             as served plus Inductor's programmatic dependent launch, Hopper on (gpu-bench-pdl), 128 new tokens
 #   combo           as served plus Inductor's combo kernels: independent small kernels (rotary embedding of
 #                   queries and keys, the cache writes) launched as one (gpu-bench-combo), 128 new tokens
 #   one-row-gemm    as served but coordinate-descent tuning off: a single stream's multiplies stay library GEMMs
 #                   (gpu-bench-one-row-gemm), 128 new tokens
-#   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
-#   wider-tuning    as served but coordinate descent searches further (all directions, radius 2) for each kernel's
-#                   launch sizes: the q/k/v and output reductions read at 3.2-3.4 TB/s (gpu-bench-wider-tuning)
-#   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length, and
-#                   the step's kernels with the FlexAttention experiment
 #   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
 #   compile         how long torch.compile holds decoding up, on the real architecture
@@ -61,8 +61,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long wider-tuning compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served mlp-activation profile profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
