@@ -120,7 +120,7 @@ def test_rows_that_join_and_leave_at_different_times_match_transformers(runner, 
 
 def test_steps_attend_over_a_multiple_of_16_columns_past_the_newest_masked(loaded_model, prompts, references):
     """On a GPU, SDPA checks whether the mask's rows are 8-aligned, and torch.compile compiled the
-    one-row step again (9-17 s on an H200, mid-serving) when a step's columns first went from
+    one-row step again (5-17 s on an H200, mid-serving) when a step's columns first went from
     unaligned to aligned. So every step attends over a multiple of 16 columns, within the
     buffers, the columns past each row's newest one masked; logits stay transformers'."""
     runner = ModelRunner(loaded_model, max_rows=8)

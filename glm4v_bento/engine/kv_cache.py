@@ -28,7 +28,7 @@ import torch
 _COLUMN_ALIGN = 256  # column capacity is a multiple of this (aligned attention-mask rows)
 # A step attends over a multiple of this many columns; those past its newest are masked. A
 # compiled step then only ever meets one case of SDPA's CUDA check on the mask's row alignment
-# (8 values). On an H200, torch.compile compiled the one-row step again (9-17 s while every
+# (8 values). On an H200, torch.compile compiled the one-row step again (5-17 s while every
 # stream waited) the first time a step's columns went from unaligned to aligned: most likely
 # that check.
 STEP_COLUMNS_MULTIPLE = 16
