@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from glm4v_bento.engine.kv_cache import StaticKVCache
+from glm4v_bento.engine.kv_cache import StaticKVCache, round_up
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def row_bucket(rows: int, capacity: int) -> int:
 def column_bucket(columns: int, capacity: int) -> int:
     """Rounded up by at most a quarter (and at least to 256): few graphs, little wasted attention."""
     step = max(256, 1 << max(0, columns.bit_length() - 3))
-    return min(capacity, -(-columns // step) * step)
+    return min(capacity, round_up(columns, step))
 
 
 class DecodeGraphs:

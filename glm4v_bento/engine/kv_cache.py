@@ -144,7 +144,7 @@ class StaticKVCache:
         # Every row, spare ones included, sees its own new token: a spare row used by a captured
         # graph then never attends over nothing (that would write NaN into the cache).
         self.mask[:, 0, 0, self.width] = True
-        return -(-(self.width + 1) // STEP_COLUMNS_MULTIPLE) * STEP_COLUMNS_MULTIPLE
+        return round_up(self.width + 1, STEP_COLUMNS_MULTIPLE)
 
     def finish_step(self) -> None:
         self.width += 1
@@ -178,7 +178,7 @@ class StaticKVCache:
         column_capacity = self.column_capacity
         if columns > self.usable_columns:
             column_capacity = max(columns + STEP_COLUMNS_MULTIPLE, column_capacity * 5 // 4, 2 * _COLUMN_ALIGN)
-            column_capacity = -(-column_capacity // _COLUMN_ALIGN) * _COLUMN_ALIGN
+            column_capacity = round_up(column_capacity, _COLUMN_ALIGN)
         devices = layer_devices or [keys.device for keys in self.keys]
         shape = (row_capacity, self.kv_heads, column_capacity, self.head_dim)
         old_rows, old_width = self.rows, self.width
@@ -222,6 +222,10 @@ class StaticKVCache:
         for buffer, column_dim in buffers:
             running = buffer[: self.rows]
             running.narrow(column_dim, to, count).copy_(running.narrow(column_dim, start, count).clone())
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _grown(tensor: torch.Tensor, size: int, keep: int) -> torch.Tensor:
