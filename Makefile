@@ -13,7 +13,7 @@ TINY := .models/tiny
 # pip on this kind of machine warns about every local index folder it skips; that is noise.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install tiny demo test test-slow container-test lint bench load-test gpu-bench gpu-compare gpu-kit bento clean redis-server
+.PHONY: help install tiny demo test test-slow container-test lint bench load-test gpu-bench gpu-compare gpu-kit kernels bento clean redis-server
 
 help:
 	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
@@ -25,6 +25,7 @@ help:
 	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
 	@echo "make gpu-bench  on a CUDA host: the real architecture, random bf16 weights -> docs/benchmarks.md"
 	@echo "make gpu-compare  on a CUDA host: GPU-only tests, the served engine (and one stream with steps overlapped), the MLP activation stored, a kernel profile, PDL, combo kernels, one-row GEMMs, unfused q/k/v, a long-context profile, wider tuning, before vs now, compile time, prefill chunks, eager, no compile"
+	@echo "make kernels    any machine: the Triton kernels Inductor writes for one decoder layer of a single stream on a GPU -> docs/benchmarks.md"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"
 
@@ -78,6 +79,10 @@ bench: $(TINY)/config.json
 
 gpu-bench: $(BIN)/.installed
 	$(BIN)/python bench/gpu_bench.py --output docs/benchmarks.md
+
+# No GPU needed: the Triton kernels Inductor writes for a single stream's decoder layer on one.
+kernels: $(BIN)/.installed
+	$(BIN)/python bench/inductor_kernels.py --output docs/benchmarks.md
 
 # On a CUDA host: the steps of bench/gpu_session.sh (GPU-only tests, the GPU benchmark as served,
 # with and without compile and CUDA graphs, a kernel profile, compile time, and the engine before

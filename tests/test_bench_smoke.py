@@ -15,15 +15,17 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _load(name: str):
+def load_bench(name: str):
+    """A bench script as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it runs
     spec.loader.exec_module(module)
     return module
 
 
 def test_engine_bench_writes_its_section_and_keeps_the_rest(tiny_model_dir, tmp_path):
-    bench = _load("engine_bench")
+    bench = load_bench("engine_bench")
     output = tmp_path / "benchmarks.md"
     output.write_text("# Benchmarks\n\nkept paragraph\n")
     args = ["--model", str(tiny_model_dir), "--batch-sizes", "1", "2", "--max-new-tokens", "3", "--repeats", "1"]
@@ -36,7 +38,7 @@ def test_engine_bench_writes_its_section_and_keeps_the_rest(tiny_model_dir, tmp_
 
 
 def test_scheduler_bench_runs_both_policies(tiny_model_dir, tmp_path):
-    bench = _load("scheduler_bench")
+    bench = load_bench("scheduler_bench")
     output = tmp_path / "benchmarks.md"
     args = ["--model", str(tiny_model_dir), "--long-requests", "2", "--long-tokens", "20"]
     args += ["--short-requests", "3", "--short-tokens", "2", "--interval-ms", "1", "--output", str(output)]
@@ -46,7 +48,7 @@ def test_scheduler_bench_runs_both_policies(tiny_model_dir, tmp_path):
 
 
 def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
-    bench = _load("gpu_bench")
+    bench = load_bench("gpu_bench")
     assert bench.main(["--tiny", "--concurrency", "2"]) == 0
     table = capsys.readouterr().out
     assert "| 1 |" in table and "| 2 |" in table and "of bound" in table
@@ -57,7 +59,7 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
 def test_gpu_bench_real_architecture_matches_the_published_size():
     import torch
 
-    bench = _load("gpu_bench")
+    bench = load_bench("gpu_bench")
     loaded = bench.build_model(False, torch.device("meta"), torch.bfloat16)  # shapes only, no memory
     parameters = sum(p.numel() for p in loaded.model.parameters())
     assert 10.0e9 < parameters < 10.6e9  # GLM-4.1V-9B-Thinking: about 10.3 B with the vision tower
@@ -74,7 +76,7 @@ def test_gpu_bench_real_architecture_matches_the_published_size():
 
 @pytest.mark.parametrize("base", ["revision", "folder"])
 def test_compare_revisions_runs_a_benchmark_on_both_sides(tiny_model_dir, tmp_path, base):
-    bench = _load("compare_revisions")
+    bench = load_bench("compare_revisions")
     output = tmp_path / "benchmarks.md"
     if base == "revision":
         base_args = ["--base", "HEAD"]
@@ -101,7 +103,7 @@ def test_compare_revisions_runs_a_benchmark_on_both_sides(tiny_model_dir, tmp_pa
 def test_compare_revisions_marks_rows_the_older_script_does_not_measure(tmp_path):
     """The older side runs its own copy of the script, which may measure fewer rows (the GPU
     bench's image-prompt row is newer than the engine before the GPU work): '-', not a number."""
-    bench = _load("compare_revisions")
+    bench = load_bench("compare_revisions")
     older = tmp_path / "base" / "bench"
     older.mkdir(parents=True)
     table = "| sequences | decode tokens/s |\n|---:|---:|\n| 1 | 10.0 |\n| 8 | 80.0 |"
@@ -175,7 +177,7 @@ def test_gpu_session_script_runs_only_the_steps_asked_for(tmp_path):
 
 
 def test_decode_step_bench_runs_eager_and_compiled(tiny_model_dir, tmp_path):
-    bench = _load("decode_step_bench")
+    bench = load_bench("decode_step_bench")
     output = tmp_path / "benchmarks.md"
     args = ["--model", str(tiny_model_dir), "--rows", "2", "--capacities", "512", "2048", "--steps", "2"]
     assert bench.main([*args, "--output", str(output)]) == 0
@@ -184,7 +186,7 @@ def test_decode_step_bench_runs_eager_and_compiled(tiny_model_dir, tmp_path):
 
 
 def test_image_upload_bench_measures_through_the_server(tiny_model_dir, tmp_path):
-    bench = _load("image_upload_bench")
+    bench = load_bench("image_upload_bench")
     output = tmp_path / "benchmarks.md"
     args = ["--model", str(tiny_model_dir), "--clients", "1", "--requests", "2", "--images", "2", "--side", "96"]
     assert bench.main([*args, "--output", str(output)]) == 0
@@ -195,7 +197,7 @@ def test_image_upload_bench_measures_through_the_server(tiny_model_dir, tmp_path
 
 
 def test_prefill_chunk_bench_compares_whole_and_chunked(tiny_model_dir, tmp_path):
-    bench = _load("prefill_chunk_bench")
+    bench = load_bench("prefill_chunk_bench")
     output = tmp_path / "benchmarks.md"
     args = ["--model", str(tiny_model_dir), "--chunks", "0", "32", "--prompt-words", "60", "--streams", "2"]
     assert bench.main([*args, "--repeats", "1", "--output", str(output)]) == 0
@@ -204,7 +206,7 @@ def test_prefill_chunk_bench_compares_whole_and_chunked(tiny_model_dir, tmp_path
 
 
 def test_step_overhead_bench_splits_each_step_into_model_and_host(tiny_model_dir, tmp_path):
-    bench = _load("step_overhead_bench")
+    bench = load_bench("step_overhead_bench")
     output = tmp_path / "benchmarks.md"
     args = ["--model", str(tiny_model_dir), "--rows", "1", "4", "--tokens", "8", "--output", str(output)]
     assert bench.main(args) == 0
@@ -216,7 +218,7 @@ def test_step_overhead_bench_splits_each_step_into_model_and_host(tiny_model_dir
 
 
 def test_compile_bench_times_each_event_and_stays_compiled(tmp_path):
-    bench = _load("compile_bench")
+    bench = load_bench("compile_bench")
     output = tmp_path / "benchmarks.md"
     assert bench.main(["--layers", "2", "--long-prompt-words", "60", "--output", str(output)]) == 0
     text = output.read_text()
@@ -227,7 +229,7 @@ def test_compile_bench_times_each_event_and_stays_compiled(tmp_path):
 
 
 def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
-    bench = _load("decode_profile")
+    bench = load_bench("decode_profile")
     output = tmp_path / "benchmarks.md"
     arguments = ["--steps", "2", "--top", "5", "--timed-steps", "3", "--flex", "--store-mlp-activation"]
     assert bench.main([*arguments, "--output", str(output)]) == 0
@@ -247,7 +249,7 @@ def test_decode_profile_times_each_variant_with_graphs_in_a_pool_of_its_own(tmp_
     into a memory pool whose graphs were all freed: a stand-in capture enforces that here."""
     import weakref
 
-    bench = _load("decode_profile")
+    bench = load_bench("decode_profile")
 
     def pool_checking_capture():
         live: dict[int, weakref.WeakSet] = {}
@@ -288,13 +290,13 @@ def test_decode_profile_times_each_variant_with_graphs_in_a_pool_of_its_own(tmp_
 )
 def test_decode_profile_counts_each_kernel_in_its_group(kernel, group):
     """Matrix multiplies give the profile's read bandwidth: attention must not count among them."""
-    assert _load("decode_profile").group_of(kernel) == group
+    assert load_bench("decode_profile").group_of(kernel) == group
 
 
 def test_decode_profile_times_the_same_step_replayed_without_growing_the_cache():
     """The step timings replay the last step in place: the cache neither grows nor moves, and
     the runner is left without graphs for the profiles that follow."""
-    bench = _load("decode_profile")
+    bench = load_bench("decode_profile")
     from gpu_bench import build_model
 
     from glm4v_bento.engine import GenerationRequest

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from test_bench_smoke import load_bench
 from test_decode_reference import REQUESTS, STEPS, Reference, decode_alone
 
 from glm4v_bento.engine import load_model
@@ -78,51 +79,25 @@ def test_a_compiled_one_row_step_leaves_no_weight_to_the_gemm_library(tiny_model
     multiply by a weight (queries-keys-values, output, MLP up and down) is a reduction that
     Inductor generates and tunes, none a GEMM library call (mm, addmm). Fake tensors: no GPU
     needed. Attention's batched multiplies over the cache are not weights and stay."""
-    graph = trace_one_row_layer(tiny_model_dir, monkeypatch)
+    graph = trace_one_row_layer(tiny_model_dir)
     ops = Counter(node.target for node in graph.graph.nodes if node.op == "call_function")
     assert ops[torch.ops.aten.mm.default] == 0 and ops[torch.ops.aten.addmm.default] == 0
     assert len(weight_sums(graph)) == 4
 
 
-def trace_one_row_layer(tiny_model_dir, monkeypatch) -> torch.fx.GraphModule:
-    """A one-row decode layer (q/k/v fused) traced as torch.compile traces it for a CUDA device:
-    fake tensors, Inductor's decompositions, the engine's compile options."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
+def trace_one_row_layer(tiny_model_dir) -> torch.fx.GraphModule:
+    """A one-row decode layer (q/k/v fused) of the tiny model traced as torch.compile traces it
+    for a CUDA device: fake tensors, Inductor's decompositions, the engine's compile options."""
     from transformers import AutoConfig
-    from transformers.models.glm4v import modeling_glm4v
-
-    from glm4v_bento.engine.compiled_step import COMPILE_OPTIONS, decode_layer
 
     config = AutoConfig.from_pretrained(tiny_model_dir).text_config
     config._attn_implementation = "sdpa"
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim, columns = config.hidden_size // heads, 64
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as while torch.compile traces
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with FakeTensorMode(), torch.device("cuda"), inductor_config.patch(COMPILE_OPTIONS):
-            text = modeling_glm4v.Glm4vTextModel(config)
-            fuse_qkv(text)
-            hidden = torch.zeros(1, 1, config.hidden_size)
-            cos, sin = text.rotary_emb(hidden, position_ids=torch.zeros(3, 1, 1, dtype=torch.long))
-            keys = torch.zeros(2, kv_heads, columns + 16, head_dim)
-            inputs = (hidden, hidden, cos, sin, torch.zeros(1, 1, 1, columns), keys, torch.zeros_like(keys))
-            indices = (torch.arange(2), torch.zeros(2, dtype=torch.long))  # rows, write column
-            return make_fx(
-                lambda *tensors: decode_layer(text.layers[0], text.norm, *tensors),
-                decomposition_table=select_decomp_table(),
-                tracing_mode="fake",
-            )(*inputs, *indices)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    return load_bench("inductor_kernels").trace_one_row_layer(config)
 
 
 def weight_sums(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The one-row reductions over a weight, in order: queries-keys-values, output, MLP up, down."""
+    """The one-row reductions over a weight, in order: queries-keys-values, output, the MLP's gate and up
+    (one, or two with the MLP activation stored), down."""
     return [
         node
         for node in graph.graph.nodes

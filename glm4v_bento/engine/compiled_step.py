@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx.experimental._config as fx_config
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from glm4v_bento.engine.decode_graphs import Forward, same_logits
@@ -47,10 +48,11 @@ LayerStep = Callable[..., tuple[torch.Tensor, ...]]
 
 # An experiment, off unless set (gpu_bench's --store-mlp-activation): each decode layer also
 # returns its MLP's activation (the up projection times the SiLU of the gate). Inductor always
-# stores a graph output, so the activation is computed once, in a small kernel of its own;
-# otherwise it is inlined into the one-row reduction of the down projection, where each block of
-# output columns computes all of its SiLUs again. On an H200 that reduction read its weights at
-# 2.3 TB/s, against 3.2-4.1 TB/s for the layer's other projections (docs/benchmarks.md).
+# stores a graph output, so the activation is computed once; otherwise it is inlined into the
+# one-row reduction of the down projection, where each block of output columns computes all of
+# its SiLUs again. On an H200 that reduction read its weights at 2.3 TB/s, against 3.2-4.1 TB/s
+# for the layer's other projections (docs/benchmarks.md). bench/inductor_kernels.py shows the
+# kernels Inductor writes for a GPU either way, on any machine.
 STORE_MLP_ACTIVATION = False
 
 
@@ -95,7 +97,15 @@ def decode_layer(
         hidden = hidden + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
         return hidden, next_norm(hidden)
     mlp = layer.mlp  # transformers' Glm4vTextMLP.forward, its activation kept
-    gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+    normed = layer.post_attention_layernorm(hidden)
+    if hidden.shape[0] == 1:
+        # One row: the gate and the up projection as two multiplies over the halves of the one
+        # weight (views: no memory added). Inductor then computes both reductions in one kernel
+        # and the activation once, after them, in the same kernel.
+        gate_weight, up_weight = mlp.gate_up_proj.weight.chunk(2)
+        gate, up = F.linear(normed, gate_weight), F.linear(normed, up_weight)
+    else:
+        gate, up = mlp.gate_up_proj(normed).chunk(2, dim=-1)
     activation = up * mlp.activation_fn(gate)
     hidden = hidden + layer.post_mlp_layernorm(mlp.down_proj(activation))
     return hidden, next_norm(hidden), activation
