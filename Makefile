@@ -21,7 +21,7 @@ help:
 	@echo "make test-slow  the slow suites (container build, long load tests)"
 	@echo "make container-test  build the tiny model's Bento into an image, run it, call it (installs Docker if needed)"
 	@echo "make bento      build the Bento for GLM4V_MODEL (a hub id or a model-store tag)"
-	@echo "make bench      engine, scheduler, service, decode-step, upload, prefill-chunk, step-overhead and compile-time benchmarks on the tiny model -> docs/benchmarks.md"
+	@echo "make bench      engine, scheduler, service, decode-step, upload, prefill-chunk, image-arrival, step-overhead and compile-time benchmarks on the tiny model -> docs/benchmarks.md"
 	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
 	@echo "make gpu-bench  on a CUDA host: the real architecture, random bf16 weights -> docs/benchmarks.md"
 	@echo "make gpu-compare  on a CUDA host: GPU-only tests, the served engine (and one stream with steps overlapped), the MLP activation stored, a kernel profile, PDL, combo kernels, one-row GEMMs, unfused q/k/v, a long-context profile, wider tuning, before vs now, compile time, prefill chunks, eager, no compile"
@@ -74,6 +74,7 @@ bench: $(TINY)/config.json
 	$(BIN)/python bench/decode_step_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/image_upload_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/prefill_chunk_bench.py --model $(TINY) --output docs/benchmarks.md
+	$(BIN)/python bench/image_arrival_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/step_overhead_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/compile_bench.py --output docs/benchmarks.md
 

@@ -205,6 +205,15 @@ def test_prefill_chunk_bench_compares_whole_and_chunked(tiny_model_dir, tmp_path
     assert "| 0 |" in text and "| 32 |" in text and "longest pause" in text
 
 
+def test_image_arrival_bench_measures_the_running_streams_pause(tiny_model_dir, tmp_path):
+    bench = load_bench("image_arrival_bench")
+    output = tmp_path / "benchmarks.md"
+    args = ["--model", str(tiny_model_dir), "--size", "300x200", "--counts", "1", "2", "--streams", "2"]
+    assert bench.main([*args, "--repeats", "1", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "300x200 photos" in text and "| 1 |" in text and "| 2 |" in text
+
+
 def test_step_overhead_bench_splits_each_step_into_model_and_host(tiny_model_dir, tmp_path):
     bench = load_bench("step_overhead_bench")
     output = tmp_path / "benchmarks.md"

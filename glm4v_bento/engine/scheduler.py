@@ -9,16 +9,22 @@ runs until its longest row ends (the classic batcher, kept for comparison).
 
 Admission is first come, first served, within three bounds: rows running at once, the
 KV-cache room (rows x the longest row's prompt + max_new_tokens: the cache is a rectangle), and a bounded
-wait queue that refuses new work at once when full.
+wait queue that refuses new work at once when full. Prompts (images resized and cut into patches,
+text tokenized) are built on a thread of their own as requests arrive (prompt_builds.py): while
+rows run, the requests whose prompts are ready are admitted and the others wait their turn
+without holding the running rows up; into an idle batch, the next group is admitted together
+once its prompts are all built.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +32,8 @@ import torch
 
 from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.overlap import PendingTokens
-from glm4v_bento.engine.prompt import PromptBuilder, PromptError
+from glm4v_bento.engine.prompt import PreparedPrompt, PromptBuilder, PromptError
+from glm4v_bento.engine.prompt_builds import PromptBuilds
 from glm4v_bento.engine.runner import ModelRunner, Prefilled, PrefillJob
 from glm4v_bento.engine.sampling import next_token_tensor, sample_next_tokens, token_logprobs
 from glm4v_bento.engine.sequence import Sequence
@@ -44,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 
 _SHUTDOWN_NOTE = "the server shut down before this request finished"
+
+
+# Prompts built beyond the rows free now: ready for the next rows that free up.
+PROMPTS_AHEAD = 2
 
 
 class QueueFullError(RuntimeError):
@@ -74,7 +85,8 @@ class _Prefilling:
 class _Waiting:
     handle: RequestHandle
     submitted_at: float
-    sequence: Sequence | None = None  # built once, when first considered for admission
+    prompt: Future[PreparedPrompt] | None = None  # its build, started when it comes near the head
+    sequence: Sequence | None = None  # made once, when first considered for admission
 
 
 class Scheduler:
@@ -102,6 +114,7 @@ class Scheduler:
         self._prefilling: _Prefilling | None = None
         self._by_id: dict[str, RequestHandle] = {}
         self._cond = threading.Condition()
+        self._prompt_builds = PromptBuilds(prompts.build, on_ready=self._wake)
         self._closed = False
         self._draining = False
         # Told after every step: (rows running, requests waiting). For metrics; must be quick.
@@ -139,6 +152,7 @@ class Scheduler:
                 if request.request_id:
                     self._by_id[request.request_id] = handle
                 outcomes.append(handle)
+            self._build_ahead(self._rows_free())
             self._cond.notify()
         return outcomes
 
@@ -172,6 +186,7 @@ class Scheduler:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
+        self._prompt_builds.close()
 
     def _wake(self) -> None:
         with self._cond:
@@ -209,12 +224,17 @@ class Scheduler:
                 if self._prefilling is not None:  # it goes on first; the queue waits for it
                     return []
                 room = self._rows_free()
-                if self._waiting and room > 0:
+                self._build_ahead(room)
+                if self._waiting and room > 0 and not self._running:
+                    # Nothing runs, so nothing is held up: the group waits for all its prompts
+                    # (built back to back) and starts together.
+                    candidates = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    break
+                if self._waiting and room > 0 and (candidates := self._take_ready(room)):
                     break
                 if self._running:
                     return []
                 self._cond.wait()
-            candidates = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
 
         admitted: list[tuple[Sequence, RequestHandle]] = []
         # The KV cache is a rectangle: every row gets as many columns as the longest row can need.
@@ -226,6 +246,10 @@ class Scheduler:
                     entry.sequence = self._build(entry)
                 except (PromptError, ValueError) as exc:
                     self._finish_early(entry, str(exc), "invalid_request")
+                    continue
+                except Exception as exc:  # a bug, not the client's doing: this request fails alone
+                    logger.exception("the prompt of a request could not be built")
+                    self._finish_early(entry, f"the request could not be prepared ({type(exc).__name__})", "internal")
                     continue
             fits = (rows + 1) * max(longest, entry.sequence.reserved_tokens) <= self.limits.max_batch_tokens
             if not fits and (self._running or admitted):
@@ -242,9 +266,26 @@ class Scheduler:
             return 0
         return self.limits.max_running - len(self._running)
 
+    def _build_ahead(self, room: int) -> None:
+        """Start building the prompts of the requests that can be admitted next: as many as there
+        are free rows, and a few more, ready for when rows free up (the lock is held)."""
+        for entry in itertools.islice(self._waiting, max(room, 0) + PROMPTS_AHEAD):
+            if entry.prompt is None:
+                entry.prompt = self._prompt_builds.start(entry.handle.request)
+
+    def _take_ready(self, room: int) -> list[_Waiting]:
+        """Up to ``room`` waiting requests whose prompts are built, taken from the queue in order
+        (the lock is held)."""
+        ready = [e for e in self._waiting if e.prompt is not None and e.prompt.done()][:room]
+        for entry in ready:
+            self._waiting.remove(entry)
+        return ready
+
     def _build(self, entry: _Waiting) -> Sequence:
         request = entry.handle.request
-        prompt = self.prompts.build(request)
+        if entry.prompt is None:  # normally started ahead (_build_ahead)
+            entry.prompt = self._prompt_builds.start(request)
+        prompt = entry.prompt.result()
         max_context = self.runner.loaded.max_context
         budget = max_context - prompt.num_tokens
         asked = request.params.max_new_tokens
@@ -413,6 +454,8 @@ class Scheduler:
         if any(entry.handle.cancelled for entry in self._waiting):
             for entry in [e for e in self._waiting if e.handle.cancelled]:
                 self._waiting.remove(entry)
+                if entry.prompt is not None:
+                    entry.prompt.cancel()  # if its build has not started, it never will
                 self._finish_early(entry, None, None)
 
     def _finish_early(self, entry: _Waiting, error: str | None, error_type: ErrorType | None) -> None:
@@ -460,6 +503,8 @@ class Scheduler:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for entry in waiting:
+            if entry.prompt is not None:
+                entry.prompt.cancel()
             self._finish_early(entry, None, None)
 
     def _forget(self, handle: RequestHandle) -> None:
