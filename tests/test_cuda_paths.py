@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams
+from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, compiled_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -79,3 +79,24 @@ def test_overlapped_steps_give_the_answers_of_steps_waited_for(cuda_model):
         finally:
             engine.close()
     assert answers[1] == answers[0]
+
+
+def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypatch):
+    """The experiment (compiled_step.STORE_MLP_ACTIVATION), compiled on Triton with graphs: one
+    row (gate and up apart, the activation stored), then eight rows; each answer its eager one,
+    and the compiled steps still on (a compiled step that disagrees with eager is turned off)."""
+    monkeypatch.setattr(compiled_step, "STORE_MLP_ACTIVATION", True)
+    eager = Engine(cuda_model, cuda_graphs=False, compile_decode=False)
+    try:
+        expected = [eager.generate([request])[0].text for request in requests(8)]
+    finally:
+        eager.close()
+    engine = Engine(cuda_model, cuda_graphs=True, compile_decode=True)
+    try:
+        first = engine.generate(requests(1))[0].text
+        batch = [result.text for result in engine.generate(requests(8))]
+        path = engine.runner.decode_path()
+    finally:
+        engine.close()
+    assert path["compiled"] and path["cuda_graphs"]
+    assert [first, *batch] == [expected[0], *expected]
