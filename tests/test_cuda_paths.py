@@ -100,3 +100,22 @@ def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypat
         engine.close()
     assert path["compiled"] and path["cuda_graphs"]
     assert [first, *batch] == [expected[0], *expected]
+
+
+def test_pixels_are_pinned_for_a_cuda_model_and_answer_as_unpinned(cuda_model):
+    """A CUDA model's prompts keep their pixels in page-locked memory (the prefill copies them
+    without blocking); an image request answers as it does from ordinary memory."""
+    from conftest import make_image
+
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    request = GenerationRequest("describe both", images=[make_image(112, 56), make_image(56, 84)], params=params)
+    engine = Engine(cuda_model, cuda_graphs=False, compile_decode=False)
+    try:
+        assert engine.prompts.build(request).pixel_values.is_pinned()
+        pinned = engine.generate([request])[0].text
+        engine.prompts.pin_memory = False  # the same builder, read at each build
+        assert not engine.prompts.build(request).pixel_values.is_pinned()
+        unpinned = engine.generate([request])[0].text
+    finally:
+        engine.close()
+    assert pinned == unpinned

@@ -37,7 +37,7 @@ class Engine:
         self.default_max_new_tokens = default_max_new_tokens
         # Unset sampling fields of every request: the model's recommendation unless overridden.
         self.sampling_defaults = sampling_defaults or loaded.sampling_defaults
-        self.prompts = PromptBuilder(loaded.processor, max_images=max_images)
+        self.prompts = PromptBuilder(loaded.processor, max_images=max_images, pin_memory=loaded.device.type == "cuda")
         limits = limits or SchedulerLimits()
         self.runner = ModelRunner(
             loaded,

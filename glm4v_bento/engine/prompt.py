@@ -47,8 +47,13 @@ class _TextPiece:
 
 
 class PromptBuilder:
-    def __init__(self, processor: Any, max_images: int) -> None:
+    def __init__(self, processor: Any, max_images: int, *, pin_memory: bool = False) -> None:
+        """``pin_memory``: put pixel values in page-locked memory (for a CUDA model). The prefill
+        then copies them to the GPU at full speed, without first staging them through a pinned
+        buffer on the scheduler thread (9.8 ms of an H200's 108 ms prefill of a 1024x1024 image
+        went to such copies); the pinning itself happens here, off that thread."""
         self.processor = processor
+        self.pin_memory = pin_memory
         self.tokenizer = processor.tokenizer
         self.max_images = max_images
         self.image_token = processor.image_token
@@ -93,11 +98,14 @@ class PromptBuilder:
         return PreparedPrompt(
             input_ids=ids,
             mm_token_type_ids=self.processor.create_mm_token_type_ids([ids])[0],
-            pixel_values=image_inputs["pixel_values"] if image_inputs else None,
+            pixel_values=self._pinned(image_inputs["pixel_values"]) if image_inputs else None,
             image_grid_thw=image_inputs["image_grid_thw"] if image_inputs else None,
-            pixel_values_videos=video_inputs["pixel_values_videos"] if video_inputs else None,
+            pixel_values_videos=self._pinned(video_inputs["pixel_values_videos"]) if video_inputs else None,
             video_grid_thw=video_inputs["video_grid_thw"] if video_inputs else None,
         )
+
+    def _pinned(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.pin_memory() if self.pin_memory else pixels
 
     # --- messages with sentinels in place of client text
 

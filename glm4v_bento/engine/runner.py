@@ -284,8 +284,10 @@ class ModelRunner:
             mask[row, width - n :] = 1
 
         def cat(name: str) -> torch.Tensor | None:
+            # Each part to the device, then joined there: no copy of all the pixels on the host
+            # first, and from pinned memory (PromptBuilder's pin_memory) the copies do not block.
             parts = [getattr(p, name) for p in prompts if getattr(p, name) is not None]
-            return torch.cat(parts).to(self.device) if parts else None
+            return torch.cat([part.to(self.device, non_blocking=True) for part in parts]) if parts else None
 
         return {
             "input_ids": input_ids.to(self.device),
