@@ -97,15 +97,15 @@ def decode_layer(
         hidden = hidden + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
         return hidden, next_norm(hidden)
     mlp = layer.mlp  # transformers' Glm4vTextMLP.forward, its activation kept
-    normed = layer.post_attention_layernorm(hidden)
+    mlp_input = layer.post_attention_layernorm(hidden)
     if hidden.shape[0] == 1:
         # One row: the gate and the up projection as two multiplies over the halves of the one
         # weight (views: no memory added). Inductor then computes both reductions in one kernel
         # and the activation once, after them, in the same kernel.
         gate_weight, up_weight = mlp.gate_up_proj.weight.chunk(2)
-        gate, up = F.linear(normed, gate_weight), F.linear(normed, up_weight)
+        gate, up = F.linear(mlp_input, gate_weight), F.linear(mlp_input, up_weight)
     else:
-        gate, up = mlp.gate_up_proj(normed).chunk(2, dim=-1)
+        gate, up = mlp.gate_up_proj(mlp_input).chunk(2, dim=-1)
     activation = up * mlp.activation_fn(gate)
     hidden = hidden + layer.post_mlp_layernorm(mlp.down_proj(activation))
     return hidden, next_norm(hidden), activation
