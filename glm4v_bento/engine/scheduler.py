@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
@@ -236,6 +237,7 @@ class Scheduler:
                     return []
                 self._cond.wait()
 
+        futures.wait([entry.prompt for entry in candidates if entry.prompt is not None])
         admitted: list[tuple[Sequence, RequestHandle]] = []
         # The KV cache is a rectangle: every row gets as many columns as the longest row can need.
         rows = len(self._running)
