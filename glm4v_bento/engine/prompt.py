@@ -10,6 +10,7 @@ token. Image placeholders therefore come only from the template, one per real im
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,10 @@ class PromptBuilder:
         self._added_tokens = added
         self._added_ids = set(self.tokenizer.get_added_vocab().values())
         self._added_pattern = re.compile("|".join(re.escape(t) for t in added)) if added else None
+        # Prompts are built on two threads (the scheduler's, and prompt_builds' for large images).
+        # transformers sets on the shared tokenizer, at each call, whether special-token strings
+        # count as special: encoding on both at once, one could get the other's setting.
+        self._encoding = threading.Lock()
 
     def build(self, request: GenerationRequest) -> PreparedPrompt:
         images = [img for turn in request.history for img in turn.images] + list(request.images)
@@ -157,7 +162,8 @@ class PromptBuilder:
                 counters["video"] += 1
             else:
                 out.append(chunk)
-        return self.tokenizer.encode("".join(out), add_special_tokens=False)
+        with self._encoding:
+            return self.tokenizer.encode("".join(out), add_special_tokens=False)
 
     def _encode_text(self, piece: _TextPiece) -> list[int]:
         """Client text: any special-token string in it is spelled out as ordinary text."""
@@ -180,7 +186,8 @@ class PromptBuilder:
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
             return []
-        ids = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        with self._encoding:
+            ids = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
         if self._added_ids.intersection(ids):
             raise PromptError("text could not be tokenized without special tokens")
         return ids

@@ -10,10 +10,10 @@ runs until its longest row ends (the classic batcher, kept for comparison).
 Admission is first come, first served, within three bounds: rows running at once, the
 KV-cache room (rows x the longest row's prompt + max_new_tokens: the cache is a rectangle), and a bounded
 wait queue that refuses new work at once when full. Prompts (images resized and cut into patches,
-text tokenized) are built on a thread of their own as requests arrive (prompt_builds.py): while
-rows run, the requests whose prompts are ready are admitted and the others wait their turn
-without holding the running rows up; into an idle batch, the next group is admitted together
-once its prompts are all built.
+text tokenized) with large images are built on a thread of their own as they near the head of
+the queue (prompt_builds.py): while rows run, such a request is admitted once its prompt is
+ready, and meanwhile the requests behind it can go first; into an idle batch, the next group
+is admitted together once its prompts are all built. Other prompts are built here, at admission.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
@@ -34,7 +33,7 @@ import torch
 from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.overlap import PendingTokens
 from glm4v_bento.engine.prompt import PreparedPrompt, PromptBuilder, PromptError
-from glm4v_bento.engine.prompt_builds import PromptBuilds
+from glm4v_bento.engine.prompt_builds import PromptBuilds, is_heavy
 from glm4v_bento.engine.runner import ModelRunner, Prefilled, PrefillJob
 from glm4v_bento.engine.sampling import next_token_tensor, sample_next_tokens, token_logprobs
 from glm4v_bento.engine.sequence import Sequence
@@ -54,7 +53,7 @@ logger = logging.getLogger(__name__)
 _SHUTDOWN_NOTE = "the server shut down before this request finished"
 
 
-# Prompts built beyond the rows free now: ready for the next rows that free up.
+# Large-image prompts built beyond the rows free now: ready for the next rows that free up.
 PROMPTS_AHEAD = 2
 
 
@@ -86,7 +85,8 @@ class _Prefilling:
 class _Waiting:
     handle: RequestHandle
     submitted_at: float
-    prompt: Future[PreparedPrompt] | None = None  # its build, started when it comes near the head
+    heavy: bool = False  # its prompt is built on the prompt thread (large images)
+    prompt: Future[PreparedPrompt] | None = None  # that build, started when it nears the head
     sequence: Sequence | None = None  # made once, when first considered for admission
 
 
@@ -149,7 +149,7 @@ class Scheduler:
                     )
                     continue
                 handle = RequestHandle(request, stream=stream, on_cancel=self._wake)
-                self._waiting.append(_Waiting(handle, now))
+                self._waiting.append(_Waiting(handle, now, heavy=is_heavy(request)))
                 if request.request_id:
                     self._by_id[request.request_id] = handle
                 outcomes.append(handle)
@@ -237,7 +237,6 @@ class Scheduler:
                     return []
                 self._cond.wait()
 
-        futures.wait([entry.prompt for entry in candidates if entry.prompt is not None])
         admitted: list[tuple[Sequence, RequestHandle]] = []
         # The KV cache is a rectangle: every row gets as many columns as the longest row can need.
         rows = len(self._running)
@@ -269,25 +268,29 @@ class Scheduler:
         return self.limits.max_running - len(self._running)
 
     def _build_ahead(self, room: int) -> None:
-        """Start building the prompts of the requests that can be admitted next: as many as there
-        are free rows, and a few more, ready for when rows free up (the lock is held)."""
+        """Start building the large-image prompts of the requests that can be admitted next: as
+        many as there are free rows, and a few more, ready for when rows free up (the lock is
+        held)."""
         for entry in itertools.islice(self._waiting, max(room, 0) + PROMPTS_AHEAD):
-            if entry.prompt is None:
+            if entry.heavy and entry.prompt is None:
                 entry.prompt = self._prompt_builds.start(entry.handle.request)
 
     def _take_ready(self, room: int) -> list[_Waiting]:
-        """Up to ``room`` waiting requests whose prompts are built, taken from the queue in order
-        (the lock is held)."""
-        ready = [e for e in self._waiting if e.prompt is not None and e.prompt.done()][:room]
+        """Up to ``room`` waiting requests that can be admitted now (their prompts are built, or
+        are built at admission), taken from the queue in order (the lock is held)."""
+        ready = [e for e in self._waiting if not e.heavy or (e.prompt is not None and e.prompt.done())][:room]
         for entry in ready:
             self._waiting.remove(entry)
         return ready
 
     def _build(self, entry: _Waiting) -> Sequence:
         request = entry.handle.request
-        if entry.prompt is None:  # normally started ahead (_build_ahead)
-            entry.prompt = self._prompt_builds.start(request)
-        prompt = entry.prompt.result()
+        if not entry.heavy:
+            prompt = self.prompts.build(request)
+        else:
+            if entry.prompt is None:  # normally started ahead (_build_ahead)
+                entry.prompt = self._prompt_builds.start(request)
+            prompt = entry.prompt.result()
         max_context = self.runner.loaded.max_context
         budget = max_context - prompt.num_tokens
         asked = request.params.max_new_tokens
