@@ -277,10 +277,15 @@ class Scheduler:
 
     def _take_ready(self, room: int) -> list[_Waiting]:
         """Up to ``room`` waiting requests that can be admitted now (their prompts are built, or
-        are built at admission), taken from the queue in order (the lock is held)."""
-        ready = [e for e in self._waiting if not e.heavy or (e.prompt is not None and e.prompt.done())][:room]
-        for entry in ready:
-            self._waiting.remove(entry)
+        are built at admission), taken from the queue in order; those passed over keep their
+        places (the lock is held)."""
+        ready: list[_Waiting] = []
+        passed: list[_Waiting] = []
+        while self._waiting and len(ready) < room:
+            entry = self._waiting.popleft()
+            built = not entry.heavy or (entry.prompt is not None and entry.prompt.done())
+            (ready if built else passed).append(entry)
+        self._waiting.extendleft(reversed(passed))
         return ready
 
     def _build(self, entry: _Waiting) -> Sequence:
