@@ -13,7 +13,9 @@ kernel's size and what it loads and computes.
 
 Not the same as on a GPU in one respect: attention here is decomposed (two batched multiplies
 and a softmax); on a GPU it is one SDPA kernel. The launch sizes are a GPU's choice too
-(coordinate-descent tuning times them there).
+(coordinate-descent tuning times them there). It reaches into torch's internals (Inductor's
+lowering, the device queries it answers), so a torch upgrade may need it adjusted:
+tests/test_mlp_activation.py runs it, so that shows at once.
 
     python bench/inductor_kernels.py                 # both tables
     python bench/inductor_kernels.py --json          # the same, as JSON
@@ -179,7 +181,7 @@ KINDS = {"red": "reduction", "per": "persistent reduction", "poi": "pointwise"}
 
 
 def parse_kernels(source: str, config) -> list[Kernel]:
-    """The Triton kernels in a generated module, in launch order of definition."""
+    """The Triton kernels in a generated module, in the order it defines them."""
     hidden, intermediate = config.hidden_size, config.intermediate_size
     qkv = hidden + 2 * config.num_key_value_heads * (hidden // config.num_attention_heads)
     roles = {
