@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arrival import pause_while_arriving, ttft_ms
 from report import machine_name, publish
 
 from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, load_model
@@ -36,33 +36,11 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
 
 def measure(engine: Engine, images: list[Image.Image], streams: int) -> tuple[float, float]:
     """One arrival -> (longest pause of the running rows in ms, the new request's TTFT in ms)."""
-    steps: list[float] = []
-    engine.scheduler.on_step = lambda running, waiting: steps.append(time.perf_counter())
-    params = SamplingParams(max_new_tokens=4000, ignore_eos=True, temperature=0.0)
-    running = [engine.submit(GenerationRequest(f"stream {i}", params=params)) for i in range(streams)]
-    deadline = time.monotonic() + 60
-    while engine.running < streams:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the streams did not start")
-        time.sleep(0.001)
-    time.sleep(0.05)  # a few plain decode steps first
-    arrived = time.perf_counter()
     request = GenerationRequest("Describe the photos.", images=images, params=SamplingParams(max_new_tokens=1))
-    new = engine.submit(request).result(timeout=300)
-    answered = time.perf_counter()
-    while not steps or steps[-1] <= answered:  # the step that delivered it ends a moment later
-        time.sleep(0.001)
-    for handle in running:
-        handle.cancel()
-    for handle in running:
-        handle.result(timeout=60)
-    engine.scheduler.on_step = None
+    pause, new = pause_while_arriving(engine, streams, lambda: engine.submit(request).result(timeout=300))
     if new.finish_reason == "error":
         raise RuntimeError(f"the request with images failed: {new.error}")
-    during = [t for t in steps if t >= arrived]
-    before = [t for t in steps if t < arrived]
-    gaps = [b - a for a, b in zip([before[-1], *during], during, strict=False)]
-    return max(gaps) * 1000, (new.timings.queue_s + new.timings.prefill_s) * 1000
+    return pause, ttft_ms(new)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arrival import pause_while_arriving, ttft_ms
 from report import machine_name, publish
 
 from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, load_model
@@ -34,30 +34,9 @@ def _request(prompt: str, tokens: int) -> GenerationRequest:
 
 def measure(engine: Engine, args: argparse.Namespace) -> tuple[float, float, int]:
     """One arrival -> (longest pause of the running rows in ms, the long prompt's TTFT in ms, its tokens)."""
-    steps: list[float] = []
-    engine.scheduler.on_step = lambda running, waiting: steps.append(time.perf_counter())
-    running = [engine.submit(_request(f"stream {i}", 4000)) for i in range(args.streams)]
-    deadline = time.monotonic() + 60
-    while engine.running < args.streams:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the streams did not start")
-        time.sleep(0.001)
-    time.sleep(0.05)  # a few plain decode steps first
-    arrived = time.perf_counter()
-    long = engine.submit(_request("word " * args.prompt_words, 1)).result(timeout=300)
-    answered = time.perf_counter()
-    while not steps or steps[-1] <= answered:  # the step that delivered it ends a moment later
-        time.sleep(0.001)
-    for handle in running:
-        handle.cancel()
-    for handle in running:
-        handle.result(timeout=60)
-    engine.scheduler.on_step = None
-    during = [t for t in steps if t >= arrived]
-    before = [t for t in steps if t < arrived]
-    gaps = [b - a for a, b in zip([before[-1], *during], during, strict=False)]
-    ttft = (long.timings.queue_s + long.timings.prefill_s) * 1000
-    return max(gaps) * 1000, ttft, long.usage.prompt_tokens
+    prompt = _request("word " * args.prompt_words, 1)
+    pause, long = pause_while_arriving(engine, args.streams, lambda: engine.submit(prompt).result(timeout=300))
+    return pause, ttft_ms(long), long.usage.prompt_tokens
 
 
 def main(argv: list[str] | None = None) -> int:

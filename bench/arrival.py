@@ -1,0 +1,46 @@
+"""Shared by the benchmarks of a request arriving while streams run: how long the streams pause."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from glm4v_bento.engine import Engine, GenerationRequest, GenerationResult, SamplingParams
+
+
+def pause_while_arriving(
+    engine: Engine, streams: int, arrive: Callable[[], GenerationResult]
+) -> tuple[float, GenerationResult]:
+    """Start ``streams`` rows decoding (ignore_eos), let a few plain steps run, then call
+    ``arrive`` (it submits the arriving request and waits for its result). The running rows get a
+    token per scheduler step, so the longest gap between two steps after the arrival is the
+    longest pause their streams see -> (that pause in ms, the arriving request's result)."""
+    steps: list[float] = []
+    engine.scheduler.on_step = lambda running, waiting: steps.append(time.perf_counter())
+    params = SamplingParams(max_new_tokens=4000, ignore_eos=True, temperature=0.0)
+    running = [engine.submit(GenerationRequest(f"stream {i}", params=params)) for i in range(streams)]
+    deadline = time.monotonic() + 60
+    while engine.running < streams:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the streams did not start")
+        time.sleep(0.001)
+    time.sleep(0.05)  # a few plain decode steps first
+    arrived = time.perf_counter()
+    result = arrive()
+    answered = time.perf_counter()
+    while not steps or steps[-1] <= answered:  # the step that delivered it ends a moment later
+        time.sleep(0.001)
+    for handle in running:
+        handle.cancel()
+    for handle in running:
+        handle.result(timeout=60)
+    engine.scheduler.on_step = None
+    during = [t for t in steps if t >= arrived]
+    before = [t for t in steps if t < arrived]
+    gaps = [b - a for a, b in zip([before[-1], *during], during, strict=False)]
+    return max(gaps) * 1000, result
+
+
+def ttft_ms(result: GenerationResult) -> float:
+    """A request's own time to its first token: its queue + prefill time."""
+    return (result.timings.queue_s + result.timings.prefill_s) * 1000
