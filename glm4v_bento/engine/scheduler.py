@@ -464,12 +464,12 @@ class Scheduler:
         if any(entry.handle.cancelled for entry in self._waiting):
             for entry in [e for e in self._waiting if e.handle.cancelled]:
                 self._waiting.remove(entry)
-                if entry.prompt is not None:
-                    entry.prompt.cancel()  # if its build has not started, it never will
                 self._finish_early(entry, None, None)
 
     def _finish_early(self, entry: _Waiting, error: str | None, error_type: ErrorType | None) -> None:
         """A request that never ran: refused (error) or cancelled (while waiting, or at shutdown)."""
+        if entry.prompt is not None:
+            entry.prompt.cancel()  # if its build has not started, it never will (no-op once built)
         elapsed = time.perf_counter() - entry.submitted_at
         entry.handle.finish(
             GenerationResult(
@@ -513,8 +513,6 @@ class Scheduler:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for entry in waiting:
-            if entry.prompt is not None:
-                entry.prompt.cancel()
             self._finish_early(entry, None, None)
 
     def _forget(self, handle: RequestHandle) -> None:
