@@ -41,6 +41,11 @@ class PreparedPrompt:
         return len(self.input_ids)
 
 
+def request_images(request: GenerationRequest) -> list:
+    """A request's images in prompt order: the earlier turns', then its own."""
+    return [image for turn in request.history for image in turn.images] + list(request.images)
+
+
 @dataclass
 class _TextPiece:
     text: str
@@ -71,7 +76,7 @@ class PromptBuilder:
         self._encoding = threading.Lock()
 
     def build(self, request: GenerationRequest) -> PreparedPrompt:
-        images = [img for turn in request.history for img in turn.images] + list(request.images)
+        images = request_images(request)
         if len(images) > self.max_images:
             raise PromptError(f"{len(images)} images in one request; the limit is {self.max_images}")
         if request.video is not None and images:

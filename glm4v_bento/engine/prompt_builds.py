@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from glm4v_bento.engine.prompt import PreparedPrompt
+from glm4v_bento.engine.prompt import PreparedPrompt, request_images
 from glm4v_bento.engine.types import GenerationRequest
 
 # About 500x500 pixels: GLM-4.1V's processor takes about 2 ms for that on a CPU core, 8 ms for
@@ -30,7 +30,7 @@ HEAVY_PIXELS = 250_000
 
 def input_pixels(request: GenerationRequest) -> int:
     """Pixels of all the images (and video frames) a request brings, before any resizing."""
-    images = [*request.images, *(image for turn in request.history for image in turn.images)]
+    images = request_images(request)
     if request.video is not None:
         images += request.video.frames
     return sum(image.width * image.height for image in images)
