@@ -26,15 +26,20 @@ def requests(count: int) -> list[GenerationRequest]:
     return [GenerationRequest(f"request {i}: " + "tell me more " * (3 * i), params=params) for i in range(count)]
 
 
+def eager_answers(cuda_model) -> list[str]:
+    """Each of requests(8) alone, eager, without graphs: the answers the fast paths must give."""
+    eager = Engine(cuda_model, cuda_graphs=False, compile_decode=False)
+    try:
+        return [eager.generate([request])[0].text for request in requests(8)]
+    finally:
+        eager.close()
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compiled+graphs"])
 def test_graphs_are_captured_again_after_the_cache_grows(cuda_model, compiled):
     """One row, then eight at once: the cache reallocates, every graph is dropped and captured
     again in a new memory pool. Graphs must stay on, and each answer be its eager answer."""
-    eager = Engine(cuda_model, cuda_graphs=False, compile_decode=False)
-    try:
-        expected = [eager.generate([request])[0].text for request in requests(8)]
-    finally:
-        eager.close()
+    expected = eager_answers(cuda_model)
 
     engine = Engine(cuda_model, cuda_graphs=True, compile_decode=compiled)
     try:
@@ -86,11 +91,7 @@ def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypat
     row (gate and up apart, the activation stored), then eight rows; each answer its eager one,
     and the compiled steps still on (a compiled step that disagrees with eager is turned off)."""
     monkeypatch.setattr(compiled_step, "STORE_MLP_ACTIVATION", True)
-    eager = Engine(cuda_model, cuda_graphs=False, compile_decode=False)
-    try:
-        expected = [eager.generate([request])[0].text for request in requests(8)]
-    finally:
-        eager.close()
+    expected = eager_answers(cuda_model)
     engine = Engine(cuda_model, cuda_graphs=True, compile_decode=True)
     try:
         first = engine.generate(requests(1))[0].text
