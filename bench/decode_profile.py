@@ -14,6 +14,9 @@ back before the next, as the engine's loop does (a CPU gets the last two, withou
 The gaps between the three say where a single stream's time goes besides the kernels:
 launch gaps inside the graph (what fewer kernels or programmatic dependent launch would cut)
 and the wait for each token (what overlapping the host's work with the next step would hide).
+On a GPU each listed kernel also shows its launch sizes (grid and block): the same kernel source
+compiled twice ran at 9 and 22 µs on an H200, and these tell different tuning from a kernel
+that ran the same launch at another speed.
 
     python bench/decode_profile.py --architecture glm4.1v-9b --device cuda --output bench/results/benchmarks.md
     python bench/decode_profile.py --architecture tiny             # CPU operators instead of kernels
@@ -22,9 +25,11 @@ and the wait for each token (what overlapping the host's work with the next step
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from datetime import date
@@ -74,17 +79,43 @@ def kernel_times(prof, on_device: bool) -> dict[str, tuple[int, float]]:
     return times
 
 
-def profiled(device: torch.device, work) -> dict[str, tuple[int, float]]:
+def launch_sizes(trace: dict) -> dict[str, str]:
+    """kernel name -> how it was launched ("grid 128, block 256": programs, threads each), from a
+    Chrome trace of the profile. Two compilations of the same kernel source that ran at different
+    speeds either were tuned to different launch sizes (these differ) or were not (they agree)."""
+    sizes: dict[str, set[str]] = defaultdict(set)
+    for event in trace.get("traceEvents", []):
+        args = event.get("args", {})
+        if event.get("cat") == "kernel" and "grid" in args and "block" in args:
+            grid, block = ("x".join(str(n) for n in args[key] if n != 1) or "1" for key in ("grid", "block"))
+            sizes[event["name"]].add(f"grid {grid}, block {block}")
+    return {name: "; ".join(sorted(found)) for name, found in sizes.items()}
+
+
+def profiled(device: torch.device, work, launches: dict[str, str] | None = None) -> dict[str, tuple[int, float]]:
+    """The kernels' times; on a GPU, ``launches`` gets each kernel's launch sizes."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         work()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    if launches is not None and device.type == "cuda":
+        with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+            prof.export_chrome_trace(trace.name)
+            launches.update(launch_sizes(json.loads(Path(trace.name).read_text())))
     return kernel_times(prof, device.type == "cuda")
 
 
-def table(title: str, times: dict[str, tuple[int, float]], per: int, top: int, unit: str) -> list[str]:
-    """Groups, then the ``top`` kernels (or operators: ``unit``), each per step (``per`` steps were profiled)."""
+def table(
+    title: str,
+    times: dict[str, tuple[int, float]],
+    per: int,
+    top: int,
+    unit: str,
+    launches: dict[str, str] | None = None,
+) -> list[str]:
+    """Groups, then the ``top`` kernels (or operators: ``unit``), each per step (``per`` steps were
+    profiled), with how each kernel was launched where ``launches`` says."""
     total = sum(spent for _, spent in times.values()) or 1.0
     groups: dict[str, float] = defaultdict(float)
     for name, (_, spent) in times.items():
@@ -92,11 +123,14 @@ def table(title: str, times: dict[str, tuple[int, float]], per: int, top: int, u
     lines = [f"**{title}**: {total / per / 1000:.3f} ms of {unit} time per step.", ""]
     lines += ["| group | µs per step | share |", "|---|---:|---:|"]
     lines += [f"| {g} | {t / per:.1f} | {t / total:.0%} |" for g, t in sorted(groups.items(), key=lambda x: -x[1])]
-    lines += ["", f"| {unit} | calls per step | µs per step | share |", "|---|---:|---:|---:|"]
+    launched = bool(launches)
+    lines += ["", f"| {unit} | calls per step | µs per step | share |{' launch |' if launched else ''}"]
+    lines += [f"|---|---:|---:|---:|{'---|' if launched else ''}"]
     ranked = sorted(times.items(), key=lambda item: -item[1][1])[:top]
     for name, (calls, spent) in ranked:
         short = name if len(name) <= 90 else name[:87] + "..."
-        lines.append(f"| `{short.replace('|', '/')}` | {calls / per:.0f} | {spent / per:.1f} | {spent / total:.0%} |")
+        row = f"| `{short.replace('|', '/')}` | {calls / per:.0f} | {spent / per:.1f} | {spent / total:.0%} |"
+        lines.append(row + (f" {launches.get(name, '')} |" if launched else ""))
     return [*lines, ""]
 
 
@@ -227,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.steps):
                 runner.decode(tokens)
 
-        times = profiled(device, decode)
+        launches: dict[str, str] = {}
+        times = profiled(device, decode, launches)
         matmul_us = sum(t for name, (_, t) in times.items() if group_of(name) == "matrix multiply") / args.steps
         step_us = sum(t for _, t in times.values()) / args.steps
         summary = (
@@ -237,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s): what replayed steps would reach with their kernels back "
             "to back, before the gaps between kernels and the host's share of a step."
         )
-        lines = [summary, "", *table(title, times, args.steps, args.top, unit)]
+        lines = [summary, "", *table(title, times, args.steps, args.top, unit, launches)]
         if not timings:
             return lines
         # A capture of its own each time: the graphs of the last timings are gone, and PyTorch

@@ -3,11 +3,11 @@
 # python3 has torch. Prepare here first with `make gpu-kit` (wheels the machine lacks in .whl/,
 # the engine before the GPU work in .base/), then run, carrying .whl and .base:
 #     bash bench/gpu_session.sh
-# Writes benchmarks.md and a log into $OUT (or bench/results/). The steps, most wanted first,
+# Writes benchmarks.md, a log and the GPU's clocks (clocks.csv) into $OUT (or bench/results/). The steps, most wanted first,
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
-#   served          the engine as served (gpu-bench): the issue's targets; also one stream with the overlapped-steps
-#                   experiment, on the same engine in the same run
+#   served          the engine as served (gpu-bench): the issue's targets; also one stream with each step waited
+#                   for (GLM4V_OVERLAP_STEPS=false), on the same engine in the same run
 #   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
 #                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
@@ -17,6 +17,9 @@
 #                   the step's kernels with the FlexAttention experiment
 #   wider-tuning    as served but coordinate descent searches further (all directions, radius 2) for each kernel's
 #                   launch sizes: the q/k/v and output reductions read at 3.2-3.4 TB/s (gpu-bench-wider-tuning)
+#   autotune-reductions  as served but Inductor benchmarks every candidate launch size of each reduction before its
+#                   coordinate descent (max_autotune_pointwise), instead of descending from one heuristic pick: the
+#                   one-row projections' tuned speeds varied 2x between compilations (gpu-bench-autotune-reductions)
 #   unfused-qkv     as served but with transformers' three q/k/v projections (gpu-bench-unfused-qkv), 128 new tokens
 #   pdl             as served plus Inductor's programmatic dependent launch, Hopper on (gpu-bench-pdl), 128 new tokens
 #   combo           as served plus Inductor's combo kernels: independent small kernels (rotary embedding of
@@ -51,18 +54,27 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } | tee "$OUT/log.txt"
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/log.txt"
 report="$OUT/benchmarks.md"
+# The GPU's clocks, power and temperature twice a second, beside the steps' start times in the log:
+# the same kernels have run at different speeds from one run to the next.
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 500 \
+    >"$OUT/clocks.csv" 2>&1 &
+  clocks_pid=$!
+  trap 'kill "$clocks_pid" 2>/dev/null || true' EXIT
+fi
 failed=()
 step() {  # run one step, logged; a failure is noted and the session goes on
   local name=$1; shift
   echo "== $name: $* ($(date +%T))" | tee -a "$OUT/log.txt"
-  if ! "$@" 2>&1 | tee -a "$OUT/log.txt"; then
+  # Each step tunes and compiles afresh: kernels tuned by an earlier step are not reused.
+  if ! TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) "$@" 2>&1 | tee -a "$OUT/log.txt"; then
     echo "== $name FAILED ($(date +%T))" | tee -a "$OUT/log.txt"
     failed+=("$name")
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served mlp-activation profile profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served mlp-activation profile autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -104,13 +116,15 @@ for name in $STEPS; do
       --output "$report" ;;
     one-row-gemm) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option coordinate_descent_tuning=false --section gpu-bench-one-row-gemm --output "$report" ;;
+    autotune-reductions) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
+      --compile-option max_autotune_pointwise=true --section gpu-bench-autotune-reductions --output "$report" ;;
     wider-tuning) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option coordinate_descent_check_all_directions=true --compile-option coordinate_descent_search_radius=2 \
       --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served mlp-activation profile pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served mlp-activation profile autotune-reductions pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

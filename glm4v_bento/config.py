@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     compile_decode: bool | None = Field(
         None, description="torch.compile the decode step. Unset: on when the model sits on one GPU, off otherwise."
     )
+    overlap_steps: bool | None = Field(
+        None,
+        description="Launch each decode step before the host reads back the tokens of the step before, so the "
+        "host's work (streaming, stop checks) runs while the GPU computes. Requests asking for logprobs step "
+        "without it. Unset: on when the model sits on one GPU, off otherwise.",
+    )
 
     # --- fitting the model on smaller GPUs (the tutorial's device_map / max_memory / offload)
     device_map: str | None = Field(

@@ -400,7 +400,7 @@ class ModelHost:
             "parameter_count": loaded.parameter_count,
             "max_context": loaded.max_context,
             "architecture": type(loaded.model).__name__,
-            "decode": self.engine.runner.decode_path(),
+            "decode": {**self.engine.runner.decode_path(), "overlapped_steps": self.engine.scheduler.overlap_steps},
             "prefill": {"chunk_tokens": self.engine.runner.prefill_chunk_tokens},  # 0: whole prompts
             # what a request's unset sampling fields become (GLM4V_SAMPLING_DEFAULTS)
             "sampling_defaults": self.engine.sampling_defaults.model_dump(),

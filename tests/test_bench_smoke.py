@@ -53,7 +53,8 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| 1 |" in table and "| 2 |" in table and "of bound" in table
     assert "| 1, after the 112x112 image |" in table  # one stream over an image prompt's context
-    assert "| 1, steps overlapped (experiment) |" in table  # the overlap experiment, same engine, same run
+    # On a CPU steps are waited for (as served there); the other setting, same engine, same run.
+    assert "| 1, steps overlapped (GLM4V_OVERLAP_STEPS=true) |" in table and "each waited for." in table
 
 
 def test_gpu_bench_real_architecture_matches_the_published_size():
@@ -127,7 +128,7 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "benchmarks.md").read_text()
     sections = ["gpu-bench", "gpu-bench-mlp-activation", "gpu-bench-unfused-qkv", "gpu-bench-pdl", "gpu-bench-combo"]
-    sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning"]
+    sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning", "gpu-bench-autotune-reductions"]
     sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
     for section in [*sections, "compile-time", "decode-profile", "decode-profile-long"]:
         assert f"<!-- {section}:start -->" in report
@@ -300,6 +301,37 @@ def test_decode_profile_times_each_variant_with_graphs_in_a_pool_of_its_own(tmp_
 def test_decode_profile_counts_each_kernel_in_its_group(kernel, group):
     """Matrix multiplies give the profile's read bandwidth: attention must not count among them."""
     assert load_bench("decode_profile").group_of(kernel) == group
+
+
+def test_decode_profile_lists_each_kernels_launch_sizes_from_the_trace():
+    """What a GPU profile's Chrome trace says of each kernel (its shape, as PyTorch's profiler
+    writes it), through to the table's launch column."""
+    bench = load_bench("decode_profile")
+
+    def kernel(name: str, grid: list[int], block: list[int]) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "args": {"grid": grid, "block": block, "stream": 7}}
+
+    trace = {
+        "traceEvents": [
+            kernel("triton_red_fused_mm_t_view_0", [144, 1, 1], [256, 1, 1]),
+            kernel("triton_red_fused_mm_t_view_0", [144, 1, 1], [256, 1, 1]),  # each step launches it again
+            kernel("triton_red_fused_mm_t_transpose_view_7", [512, 1, 1], [64, 1, 1]),
+            kernel("triton_red_fused_mm_t_transpose_view_7", [256, 1, 1], [128, 1, 1]),  # a second compilation
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "args": {}},
+            kernel("cudnn_sdpa", [1, 32, 1], [128, 1, 1]),
+        ]
+    }
+    launches = bench.launch_sizes(trace)
+    assert launches == {
+        "triton_red_fused_mm_t_view_0": "grid 144, block 256",
+        "triton_red_fused_mm_t_transpose_view_7": "grid 256, block 128; grid 512, block 64",
+        "cudnn_sdpa": "grid 32, block 128",
+    }
+    times = {"triton_red_fused_mm_t_view_0": (40, 400.0), "cudnn_sdpa": (40, 300.0), "Memset (Device)": (40, 30.0)}
+    lines = bench.table("Decode step", times, 1, 3, "kernel", launches)
+    assert "| kernel | calls per step | µs per step | share | launch |" in lines
+    assert "| `triton_red_fused_mm_t_view_0` | 40 | 400.0 | 55% | grid 144, block 256 |" in lines
+    assert "| `Memset (Device)` | 40 | 30.0 | 4% |  |" in lines  # no launch sizes in the trace
 
 
 def test_decode_profile_times_the_same_step_replayed_without_growing_the_cache():

@@ -101,3 +101,16 @@ def test_cancelling_during_overlapped_steps_ends_the_row_and_the_rest_go_on(load
         assert overlapped.generate([short])[0].text == expected  # and the engine is still sound
     finally:
         overlapped.close()
+
+
+def test_steps_are_waited_for_on_a_cpu_unless_the_setting_asks_for_overlap(engine, tiny_model_dir):
+    """Unset, overlap follows the model's place (one GPU: on; test_cuda_paths checks that side).
+    On a CPU nothing runs behind the host, so it is off unless GLM4V_OVERLAP_STEPS says so."""
+    from glm4v_bento.config import Settings
+
+    assert engine.scheduler.overlap_steps is False
+    overlapped = Engine.from_settings(Settings(model=str(tiny_model_dir), device="cpu", overlap_steps=True))
+    try:
+        assert overlapped.scheduler.overlap_steps is True
+    finally:
+        overlapped.close()

@@ -228,13 +228,15 @@ def test_health_and_model_info(server):
     assert info["architecture"] == "Glm4vForConditionalGeneration"
     assert info["dtype"] == "float32" and info["parameter_count"] > 0
     assert info["model_config"]["text"]["num_hidden_layers"] == 2
-    # On a CPU, decode steps run eagerly (compile and CUDA graphs are for a single GPU), each
-    # layer's queries, keys and values from one matrix multiply.
+    # On a CPU, decode steps run eagerly and one after another (compile, CUDA graphs and
+    # overlapped steps are for a single GPU), each layer's queries, keys and values from one
+    # matrix multiply.
     assert info["decode"] == {
         "compiled": False,
         "cuda_graphs": False,
         "cuda_graphs_captured": 0,
         "fused_qkv_layers": 2,
+        "overlapped_steps": False,
     }
 
 

@@ -52,7 +52,8 @@ LayerStep = Callable[..., tuple[torch.Tensor, ...]]
 # one-row reduction of the down projection, where each block of output columns computes all of
 # its SiLUs again. On an H200 that reduction read its weights at 2.3 TB/s, against 3.2-4.1 TB/s
 # for the layer's other projections (docs/benchmarks.md). bench/inductor_kernels.py shows the
-# kernels Inductor writes for a GPU either way, on any machine.
+# kernels Inductor writes for a GPU either way, on any machine. Off still: on an H200 its gain was
+# smaller than the spread between two compilations of the same step (2026-11-27, docs/benchmarks.md).
 STORE_MLP_ACTIVATION = False
 
 

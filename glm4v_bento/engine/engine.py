@@ -31,8 +31,11 @@ class Engine:
         prefill_chunk_tokens: int | None = None,
         sampling_defaults: SamplingDefaults | None = None,
         fuse_qkv: bool = True,
-        overlap_steps: bool = False,
+        overlap_steps: bool | None = None,
     ) -> None:
+        """``overlap_steps``: launch each decode step before reading back the tokens of the one
+        before (overlap.py). None: on when the model sits on one GPU, where the host's work on a
+        step then runs while the device computes the next; off elsewhere."""
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
         # Unset sampling fields of every request: the model's recommendation unless overridden.
@@ -53,7 +56,7 @@ class Engine:
             limits,
             default_max_new_tokens=default_max_new_tokens,
             sampling_defaults=self.sampling_defaults,
-            overlap_steps=overlap_steps,
+            overlap_steps=overlap_steps if overlap_steps is not None else self.runner.one_gpu,
         )
 
     @classmethod
@@ -83,6 +86,7 @@ class Engine:
             cuda_graphs=settings.cuda_graphs,
             compile_decode=settings.compile_decode,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            overlap_steps=settings.overlap_steps,
             sampling_defaults=SamplingDefaults() if settings.sampling_defaults == "greedy" else None,
         )
 

@@ -102,6 +102,7 @@ class ModelRunner:
             self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype, max_rows=max_rows
         )
         one_gpu = self._single_cuda_device()
+        self.one_gpu = one_gpu  # the whole model on one CUDA device: the fast paths' condition
         self._eager_parts = DecodeParts(begin=self._decode_begin, layer=decode_layer, end=self._decode_end)
         self.compiled: CompiledStep | None = None
         if compile_decode if compile_decode is not None else one_gpu:
