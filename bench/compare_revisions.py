@@ -10,6 +10,14 @@ the row label (batch size, sequences...) and its figure (tokens/s...). Medians o
         -- bench/engine_bench.py --model .models/tiny
     python bench/compare_revisions.py --base 904f9a2 --section gpu-before-after --keep-after -- bench/gpu_bench.py
 
+--setting compares this tree with itself: as it is, and with some arguments added to the benchmark
+(an A/B of one setting, e.g. an experiment's flag). --fresh-compile-cache gives every run its own
+Inductor cache, so each compiles and tunes afresh: on a GPU a compiled step's speed moves from one
+compilation to the next, and the rounds then sample that spread on both sides (min-max column).
+
+    python bench/compare_revisions.py --setting=--store-mlp-activation --fresh-compile-cache --rounds 3 \
+        --section gpu-mlp-activation-ab -- bench/gpu_bench.py --concurrency --decode-tokens 128
+
 --keep-after also writes the newer side's own section (its full table, as the script printed it)
 into the output: one run then gives both the comparison and the headline figures. The newer side
 runs first in each round, so its section is written even if the older code then fails.
@@ -35,14 +43,23 @@ from report import machine_name, publish, write_section
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_side(tree: Path, command: list[str]) -> str:
-    """Run the benchmark script from ``tree`` (its package first on the path) -> what it printed."""
+def run_side(tree: Path, command: list[str], fresh_compile_cache: bool = False) -> str:
+    """Run the benchmark script from ``tree`` (its package first on the path) -> what it printed.
+    ``fresh_compile_cache``: with an Inductor cache of its own, so that it compiles and tunes afresh."""
     script, *args = command
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
-    # stderr (progress, warnings) goes straight through: a long GPU run shows where it is.
-    done = subprocess.run(
-        [sys.executable, str(tree / script), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False
-    )
+    with tempfile.TemporaryDirectory(prefix="glm4v-inductor-") as cache:
+        if fresh_compile_cache:
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        # stderr (progress, warnings) goes straight through: a long GPU run shows where it is.
+        done = subprocess.run(
+            [sys.executable, str(tree / script), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
     if done.returncode != 0:
         raise SystemExit(f"{script} failed in {tree} (exit status {done.returncode}; its errors are above)")
     return done.stdout
@@ -81,7 +98,11 @@ def describe(tree: Path, revision: str) -> str:
 
 @contextmanager
 def base_tree(args: argparse.Namespace) -> Iterator[tuple[Path, str]]:
-    """The older code: a given folder, or the revision checked out into a temporary worktree."""
+    """The older code: a given folder, or the revision checked out into a temporary worktree
+    (with --setting: this tree itself, without the setting)."""
+    if args.setting is not None:
+        yield ROOT, "without"
+        return
     if args.base_tree:
         marker = args.base_tree / "REVISION"  # written by `make gpu-kit`
         yield args.base_tree.resolve(), marker.read_text().strip() if marker.exists() else args.base_tree.name
@@ -101,7 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     base = parser.add_mutually_exclusive_group(required=True)
     base.add_argument("--base", help="the older revision (commit, tag, branch), checked out for the run")
     base.add_argument("--base-tree", type=Path, help="or a directory holding it already (no git needed)")
+    base.add_argument(
+        "--setting",
+        metavar="ARGS",
+        help="or this tree against itself with ARGS added to the benchmark's arguments (write --setting=--flag)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--fresh-compile-cache",
+        action="store_true",
+        help="each run compiles and tunes with an Inductor cache of its own",
+    )
     parser.add_argument("--section", default="cpu-before-after", help="name of the section in the output file")
     parser.add_argument("--output", type=Path, help="Markdown file to write the table into")
     parser.add_argument(
@@ -115,38 +146,49 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.error("name the benchmark script to run, e.g. -- bench/engine_bench.py --model .models/tiny")
 
-    current = describe(ROOT, "HEAD")
+    current = describe(ROOT, "HEAD") if args.setting is None else f"with {args.setting}"
+    added = args.setting.split() if args.setting else []
     before: dict[str, list[float]] = {}
     after: dict[str, list[float]] = {}
     with base_tree(args) as (tree, base_label):
         for round_number in range(1, args.rounds + 1):
-            for label, side, results in ((current, ROOT, after), (base_label, tree, before)):
+            for label, side, results, extra in ((current, ROOT, after, added), (base_label, tree, before, [])):
                 print(f"# round {round_number}/{args.rounds}: {label} ...", file=sys.stderr, flush=True)
-                printed = run_side(side, args.command)
-                if side is ROOT and args.keep_after and args.output:
+                printed = run_side(side, [*args.command, *extra], args.fresh_compile_cache)
+                if results is after and args.keep_after and args.output:
                     for name, section in own_sections(printed).items():
                         write_section(args.output, section, name)
                 header, rows = parse_table(printed)
                 for key, value in rows.items():
                     results.setdefault(key, []).append(value)
 
+    title = "Before and after" if args.setting is None else f"Without and with `{args.setting}`"
+    ratio = "after / before" if args.setting is None else "with / without"
+    spread = args.rounds > 1  # each side's lowest and highest round: how far one run can be from another
     lines = [
         f"<!-- {args.section}:start -->",
-        f"## Before and after: `{' '.join(args.command)}`",
+        f"## {title}: `{' '.join(args.command)}`",
         "",
         f"`bench/compare_revisions.py`, {date.today().isoformat()}, {machine_name()}. "
-        f"Base {base_label} vs {current}, run alternately, median of {args.rounds} rounds each.",
+        f"Base {base_label} vs {current}, run alternately, median of {args.rounds} rounds each"
+        f"{', each run compiling and tuning afresh' if args.fresh_compile_cache else ''}.",
         "",
-        f"| {header[0]} | {header[1]}: {base_label} | {header[1]}: {current} | after / before |",
-        "|---:|---:|---:|---:|",
+        f"| {header[0]} | {header[1]}: {base_label} | {header[1]}: {current} | {ratio} |"
+        + (" lowest-highest round |" if spread else ""),
+        "|---:|---:|---:|---:|" + ("---|" if spread else ""),
     ]
+
+    def extent(values: list[float]) -> str:
+        return f"{min(values):.1f}-{max(values):.1f}"
+
     for key in after:
         new = statistics.median(after[key])
         if key not in before:  # a row the older script does not measure
-            lines.append(f"| {key} | - | {new:.1f} | - |")
+            lines.append(f"| {key} | - | {new:.1f} | - |" + (f" {extent(after[key])} |" if spread else ""))
             continue
         old = statistics.median(before[key])
-        lines.append(f"| {key} | {old:.1f} | {new:.1f} | {new / old:.2f} |")
+        row = f"| {key} | {old:.1f} | {new:.1f} | {new / old:.2f} |"
+        lines.append(row + (f" {extent(before[key])}; {extent(after[key])} |" if spread else ""))
     lines.append(f"<!-- {args.section}:end -->")
     publish("\n".join(lines) + "\n", args.output, args.section)
     return 0

@@ -150,7 +150,14 @@ def decode_rate(engine: Engine, sequences: int, tokens: int, image: Image.Image 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (what the tests run)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="*",
+        default=[8, 32, 64],
+        help="sequences decoded together, each a row of the table; none: only the one-stream rows (and no "
+        "compilation for batches)",
+    )
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument(
         "--cuda-graphs",
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# building the model on {device} ...", file=sys.stderr, flush=True)
     loaded = build_model(args.tiny, device, dtype)
-    limits = SchedulerLimits(max_running=max(args.concurrency), max_batch_tokens=10**9)
+    limits = SchedulerLimits(max_running=max([1, *args.concurrency]), max_batch_tokens=10**9)
     engine = Engine(
         loaded, limits=limits, cuda_graphs=args.cuda_graphs, compile_decode=args.compile, fuse_qkv=args.fused_qkv
     )

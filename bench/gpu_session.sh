@@ -8,6 +8,10 @@
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the targets; also one stream with each step waited
 #                   for (GLM4V_OVERLAP_STEPS=false), on the same engine in the same run
+#   mlp-ab          one stream without and with the MLP activation stored, alternately, each run in a process of its
+#                   own that compiles and tunes afresh (AB_ROUNDS rounds, 2 unless set): the stored activation's gain
+#                   against the spread between compilations, which one run of each could not tell apart
+#                   (gpu-mlp-activation-ab; about a minute per run)
 #   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
 #                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
 #   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
@@ -73,19 +77,21 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served mlp-activation profile autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served mlp-activation profile autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only"
+else default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
   compile_model=(--architecture tiny --device cpu --layers 2 --long-prompt-words 60)
   profile_model=(--architecture tiny --device cpu --steps 3)
   long_words=100
+  ab_rounds=1
 else
   chunk_model=(--architecture glm4.1v-9b --device cuda)
   compile_model=(--architecture glm4.1v-9b --device cuda)
   profile_model=(--architecture glm4.1v-9b --device cuda)
   long_words=3000
+  ab_rounds=${AB_ROUNDS:-2}
 fi
 short=(--concurrency 8 32 --decode-tokens 64)  # GPU_BENCH_ARGS, after these, may override them
 for name in $STEPS; do
@@ -122,9 +128,12 @@ for name in $STEPS; do
       --compile-option coordinate_descent_check_all_directions=true --compile-option coordinate_descent_search_radius=2 \
       --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
+    mlp-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting=--store-mlp-activation --fresh-compile-cache \
+      --rounds "$ab_rounds" --section gpu-mlp-activation-ab --output "$report" -- bench/gpu_bench.py --concurrency \
+      --decode-tokens 128 "${extra[@]}" ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served mlp-activation profile autotune-reductions pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served mlp-ab mlp-activation profile autotune-reductions pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

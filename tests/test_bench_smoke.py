@@ -120,6 +120,37 @@ def test_compare_revisions_marks_rows_the_older_script_does_not_measure(tmp_path
     assert "| 8 |" not in output.read_text()  # only what the newer side measured is compared
 
 
+def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_each_run(tmp_path, monkeypatch):
+    """--setting: both sides run this tree, the flag added on one only; --fresh-compile-cache:
+    every run gets an Inductor cache of its own, gone after it. The table gives each side's
+    lowest and highest round beside the medians."""
+    bench = load_bench("compare_revisions")
+    runs = []
+
+    def fake_run(command, env, **kwargs):
+        cache = Path(env["TORCHINDUCTOR_CACHE_DIR"])
+        assert cache.is_dir() and str(bench.ROOT) in env["PYTHONPATH"]
+        runs.append((command, cache))
+        rate = 110.0 + len(runs) if "--store-mlp-activation" in command else 100.0 + len(runs)
+        table = f"| sequences | decode tokens/s |\n|---:|---:|\n| 1 | {rate} |\n"
+        return subprocess.CompletedProcess(command, 0, stdout=table)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    output = tmp_path / "benchmarks.md"
+    arguments = ["--setting=--store-mlp-activation", "--fresh-compile-cache", "--rounds", "2"]
+    assert bench.main([*arguments, "--output", str(output), "--", "bench/gpu_bench.py", "--concurrency"]) == 0
+    flagged = [command for command, _ in runs if command[-1] == "--store-mlp-activation"]
+    assert len(runs) == 4 and len(flagged) == 2  # alternately, the flag on one side only
+    assert all(str(bench.ROOT / "bench" / "gpu_bench.py") in command for command, _ in runs)
+    caches = {cache for _, cache in runs}
+    assert len(caches) == 4 and not any(cache.exists() for cache in caches)
+    text = output.read_text()
+    assert "## Without and with `--store-mlp-activation`" in text and "each run compiling and tuning afresh" in text
+    assert "| sequences | decode tokens/s: without | decode tokens/s: with --store-mlp-activation |" in text
+    # rounds: with 111, without 102, with 113, without 104 -> medians 103 and 112
+    assert "| 1 | 103.0 | 112.0 | 1.09 | 102.0-104.0; 111.0-113.0 |" in text
+
+
 def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     """What a lent GPU machine runs; here with --tiny on the CPU, so it cannot rot unseen."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
@@ -130,7 +161,7 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     sections = ["gpu-bench", "gpu-bench-mlp-activation", "gpu-bench-unfused-qkv", "gpu-bench-pdl", "gpu-bench-combo"]
     sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning", "gpu-bench-autotune-reductions"]
     sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
-    for section in [*sections, "compile-time", "decode-profile", "decode-profile-long"]:
+    for section in [*sections, "compile-time", "decode-profile", "decode-profile-long", "gpu-mlp-activation-ab"]:
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
