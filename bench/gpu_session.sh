@@ -33,6 +33,7 @@
 #   before-after    the engine before the GPU work vs now, shorter runs (the old engine is slow)
 #   prefill-chunks  how long prefill chunks pause running streams, on the real architecture
 #   compile         how long torch.compile holds decoding up, on the real architecture
+#   compile-restart the same at a first start and at a restart that keeps its compile cache (two processes)
 #   eager           no compile, no CUDA graphs (gpu-bench-eager), 128 new tokens
 #   graphs-only     CUDA graphs without compile (gpu-bench-graphs-only), 128 new tokens
 # STEPS picks some of them, to spread them over calls of limited length:
@@ -77,8 +78,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only"
-else default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -104,6 +105,7 @@ for name in $STEPS; do
       else echo "== $name skipped: no $base (make gpu-kit)" | tee -a "$OUT/log.txt"; failed+=("$name"); fi ;;
     prefill-chunks) step "$name" "$PYTHON" bench/prefill_chunk_bench.py "${chunk_model[@]}" --chunks 0 2048 512 \
       --repeats 2 --output "$report" ;;
+    compile-restart) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --restart --output "$report" ;;
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
     profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --store-mlp-activation \
       --output "$report" ;;
@@ -133,7 +135,7 @@ for name in $STEPS; do
       --decode-tokens 128 "${extra[@]}" ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served mlp-ab mlp-activation profile autotune-reductions pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served mlp-ab mlp-activation profile autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

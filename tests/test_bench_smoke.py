@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,8 @@ def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_ea
 
 
 def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
-    """What a lent GPU machine runs; here with --tiny on the CPU, so it cannot rot unseen."""
+    """What a lent GPU machine runs; here with --tiny on the CPU, so it cannot rot unseen (the
+    compile-restart step is compile_bench --restart's test too)."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
     env["BASE_TREE"] = str(tmp_path / "none")  # the before/after step is tested with compare_revisions
     done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
@@ -161,9 +163,13 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     sections = ["gpu-bench", "gpu-bench-mlp-activation", "gpu-bench-unfused-qkv", "gpu-bench-pdl", "gpu-bench-combo"]
     sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning", "gpu-bench-autotune-reductions"]
     sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
-    for section in [*sections, "compile-time", "decode-profile", "decode-profile-long", "gpu-mlp-activation-ab"]:
+    sections += ["compile-time", "compile-restart", "decode-profile", "decode-profile-long", "gpu-mlp-activation-ab"]
+    for section in sections:
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
+    # compile-restart: the second process found the first one's compiled graphs in their shared cache
+    hits = re.search(r"found in the cache: (\d+) at the first start, (\d+) at the restart", report)
+    assert hits and int(hits[1]) == 0 and int(hits[2]) > 0
     assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
 
 
