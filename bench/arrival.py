@@ -24,7 +24,12 @@ def pause_while_arriving(
         if time.monotonic() > deadline:
             raise RuntimeError("the streams did not start")
         time.sleep(0.001)
-    time.sleep(0.05)  # a few plain decode steps first
+    # A few plain decode steps first: counted, not timed, as a busy machine may take longer for them.
+    plain = len(steps) + 3
+    while len(steps) < plain:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the streams did not decode")
+        time.sleep(0.001)
     arrived = time.perf_counter()
     result = arrive()
     answered = time.perf_counter()

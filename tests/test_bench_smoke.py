@@ -153,13 +153,27 @@ def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_ea
 
 
 def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
-    """What a lent GPU machine runs; here with --tiny on the CPU, so it cannot rot unseen (the
-    compile-restart step is compile_bench --restart's test too)."""
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
+    """What a lent GPU machine runs by default; here with --tiny on the CPU, so it cannot rot
+    unseen (the compile-restart step is compile_bench --restart's test too). Its steps are
+    independent: two sessions take half of them each, side by side, to keep the suite short."""
+    script = (BENCH / "gpu_session.sh").read_text()
+    steps = re.findall(r'default_steps="([^"]+)"', script)[-1].split()  # the list without a base tree
+    assert len(steps) > 10 and "served" in steps
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
     env["BASE_TREE"] = str(tmp_path / "none")  # the before/after step is tested with compare_revisions
-    done = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    report = (tmp_path / "benchmarks.md").read_text()
+    sessions = []
+    for half in (steps[0::2], steps[1::2]):
+        out = tmp_path / f"session-{len(sessions)}"
+        command = ["bash", str(BENCH / "gpu_session.sh")]
+        started = subprocess.Popen(command, env={**env, "OUT": str(out), "STEPS": " ".join(half)}, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        sessions.append((out, started))
+    report = ""
+    for out, started in sessions:
+        printed, _ = started.communicate(timeout=600)
+        assert started.returncode == 0, printed[-3000:]
+        report += (out / "benchmarks.md").read_text()
+        assert "== " in (out / "log.txt").read_text()  # each step is logged
     sections = ["gpu-bench", "gpu-bench-mlp-activation", "gpu-bench-unfused-qkv", "gpu-bench-pdl", "gpu-bench-combo"]
     sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning", "gpu-bench-autotune-reductions"]
     sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
@@ -170,7 +184,6 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     # compile-restart: the second process found the first one's compiled graphs in their shared cache
     hits = re.search(r"found in the cache: (\d+) at the first start, (\d+) at the restart", report)
     assert hits and int(hits[1]) == 0 and int(hits[2]) > 0
-    assert "== " in (tmp_path / "log.txt").read_text()  # each step is logged
 
 
 def test_gpu_session_compares_with_the_base_tree_where_there_is_no_git(tmp_path):
@@ -401,3 +414,47 @@ def test_decode_profile_times_the_same_step_replayed_without_growing_the_cache()
     assert len(replays) == 1 + 2 * 3 * 4  # the capture's check, then two ways x three runs x four steps
     rows = [line for line in lines if line.startswith("| replayed from a CUDA graph")]
     assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_arrival_harness_waits_for_plain_steps_however_slow_they_come():
+    """On a loaded machine the first decode steps may come late: the arrival must wait for
+    them (it used to wait a fixed 50 ms and then found no step before the arrival)."""
+    import threading
+    import time
+
+    arrival = load_bench("arrival")
+
+    class Handle:
+        def cancel(self) -> None:
+            pass
+
+        def result(self, timeout: float) -> None:
+            return None
+
+    class SlowEngine:  # its streams run at once, but its steps start 0.2 s later, then every 5 ms
+        running = 2
+
+        def __init__(self) -> None:
+            self.scheduler = type("Scheduler", (), {"on_step": None})()
+            self.stopped = threading.Event()
+
+        def submit(self, request):
+            return Handle()
+
+        def steps(self) -> None:
+            time.sleep(0.2)
+            while not self.stopped.is_set():
+                hook = self.scheduler.on_step
+                if hook is not None:
+                    hook(2, 0)
+                time.sleep(0.005)
+
+    engine = SlowEngine()
+    thread = threading.Thread(target=engine.steps, daemon=True)
+    thread.start()
+    try:
+        pause, result = arrival.pause_while_arriving(engine, 2, lambda: time.sleep(0.03) or "answer")
+    finally:
+        engine.stopped.set()
+        thread.join()
+    assert result == "answer" and 0 < pause < 1000
