@@ -86,7 +86,8 @@ def launch_sizes(trace: dict) -> dict[str, str]:
     sizes: dict[str, set[str]] = defaultdict(set)
     for event in trace.get("traceEvents", []):
         args = event.get("args", {})
-        if event.get("cat") == "kernel" and "grid" in args and "block" in args:
+        # "kernel", or "Kernel" in the traces of older Kineto versions
+        if str(event.get("cat", "")).lower() == "kernel" and "grid" in args and "block" in args:
             grid, block = ("x".join(str(n) for n in args[key] if n != 1) or "1" for key in ("grid", "block"))
             sizes[event["name"]].add(f"grid {grid}, block {block}")
     return {name: "; ".join(sorted(found)) for name, found in sizes.items()}
