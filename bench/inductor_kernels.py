@@ -11,9 +11,10 @@ the device with an H200's figures. It does so for the layer as served and with t
 activation stored (the experiment in glm4v_bento/engine/compiled_step.py), and prints each
 kernel's size and what it loads and computes.
 
-Not the same as on a GPU in one respect: attention here is decomposed (two batched multiplies
-and a softmax); on a GPU it is one SDPA kernel. The launch sizes are a GPU's choice too
-(coordinate-descent tuning times them there). It reaches into torch's internals (Inductor's
+Attention is traced as the one cuDNN SDPA call the H200's profile shows: without a GPU, SDPA
+would pick its math backend and come out as two batched multiplies and a softmax, with
+different kernels around it. The SDPA call is a library kernel, not listed. The launch sizes are
+a GPU's choice (coordinate-descent tuning times them there). It reaches into torch's internals (Inductor's
 lowering, the device queries it answers), so a torch upgrade may need it adjusted:
 tests/test_mlp_activation.py runs it, so that shows at once.
 
@@ -65,6 +66,12 @@ def text_config(tiny: bool):
     return config
 
 
+def sdpa_as_on_an_h200(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """SDPA through cuDNN's fused kernel, the backend an H200 chose for a decode step (the
+    profile's ``cudnn_generated_fort_native_sdpa_sm90...``). Without a GPU, SDPA would pick math."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, attn_mask, False, scale=scale)[0]
+
+
 def trace_one_row_layer(config, columns: int = COLUMNS) -> torch.fx.GraphModule:
     """A one-row decode layer (queries-keys-values fused) as torch.compile traces it for a CUDA
     device: fake tensors, Inductor's decompositions, the engine's compile options. Reads
@@ -84,6 +91,7 @@ def trace_one_row_layer(config, columns: int = COLUMNS) -> torch.fx.GraphModule:
     try:
         with (
             mock.patch.object(torch.compiler, "is_compiling", lambda: True),  # as while torch.compile traces
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa_as_on_an_h200),
             FakeTensorMode(),
             torch.device("cuda"),
             inductor_config.patch(compiled_step.COMPILE_OPTIONS),
@@ -253,9 +261,8 @@ def report(found: dict[str, list[Kernel]], tiny: bool, section: str) -> str:
         "",
         f"`bench/inductor_kernels.py`, {date.today().isoformat()}, torch {torch.__version__}, Triton "
         f"{triton.__version__}; {sizes}; written for a compute-capability-9.0 GPU (an H200's figures) "
-        "on a machine without one, not run. Attention is decomposed here (two batched multiplies and a "
-        "softmax: the kernels between the queries-keys-values and the output projection); on a GPU it is "
-        "one SDPA kernel. Values out: the kernel's outputs; summed for each: its reduction's length.",
+        "on a machine without one, not run. Attention is one cuDNN SDPA call, as on the H200 (a library "
+        "kernel, not listed). Values out: the kernel's outputs; summed for each: its reduction's length.",
     ]
     for variant, kernels in found.items():
         lines += ["", f"**{variant}**: {len(kernels)} Triton kernels", "", table(kernels)]
