@@ -20,16 +20,10 @@ def pause_while_arriving(
     params = SamplingParams(max_new_tokens=4000, ignore_eos=True, temperature=0.0)
     running = [engine.submit(GenerationRequest(f"stream {i}", params=params)) for i in range(streams)]
     deadline = time.monotonic() + 60
-    while engine.running < streams:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the streams did not start")
-        time.sleep(0.001)
+    _wait_until(lambda: engine.running >= streams, deadline, "the streams did not start")
     # A few plain decode steps first: counted, not timed, as a busy machine may take longer for them.
     plain = len(steps) + 3
-    while len(steps) < plain:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the streams did not decode")
-        time.sleep(0.001)
+    _wait_until(lambda: len(steps) >= plain, deadline, "the streams did not decode")
     arrived = time.perf_counter()
     result = arrive()
     answered = time.perf_counter()
@@ -44,6 +38,13 @@ def pause_while_arriving(
     before = [t for t in steps if t < arrived]
     gaps = [b - a for a, b in zip([before[-1], *during], during, strict=False)]
     return max(gaps) * 1000, result
+
+
+def _wait_until(condition: Callable[[], bool], deadline: float, failure: str) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(0.001)
 
 
 def ttft_ms(result: GenerationResult) -> float:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import date
 from pathlib import Path
 
@@ -48,8 +48,9 @@ def run_side(tree: Path, command: list[str], fresh_compile_cache: bool = False) 
     ``fresh_compile_cache``: with an Inductor cache of its own, so that it compiles and tunes afresh."""
     script, *args = command
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory(prefix="glm4v-inductor-") as cache:
-        if fresh_compile_cache:
+    own_cache = tempfile.TemporaryDirectory(prefix="glm4v-inductor-") if fresh_compile_cache else nullcontext()
+    with own_cache as cache:
+        if cache is not None:
             env["TORCHINDUCTOR_CACHE_DIR"] = cache
         # stderr (progress, warnings) goes straight through: a long GPU run shows where it is.
         done = subprocess.run(

@@ -101,14 +101,13 @@ class ModelRunner:
         self.cache = StaticKVCache(
             self.model.config.get_text_config(), device=self.device, dtype=loaded.dtype, max_rows=max_rows
         )
-        one_gpu = self._single_cuda_device()
-        self.one_gpu = one_gpu  # the whole model on one CUDA device: the fast paths' condition
+        self.one_gpu = self._single_cuda_device()  # the whole model on one CUDA device: the fast paths' condition
         self._eager_parts = DecodeParts(begin=self._decode_begin, layer=decode_layer, end=self._decode_end)
         self.compiled: CompiledStep | None = None
-        if compile_decode if compile_decode is not None else one_gpu:
+        if compile_decode if compile_decode is not None else self.one_gpu:
             self.compiled = CompiledStep(self._forward, self._eager_parts)
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and one_gpu:
+        if cuda_graphs and self.one_gpu:
             self.use_graphs(cuda_capture())
 
     def use_graphs(self, capture: Capture) -> DecodeGraphs:
