@@ -14,9 +14,12 @@ back before the next, as the engine's loop does (a CPU gets the last two, withou
 The gaps between the three say where a single stream's time goes besides the kernels:
 launch gaps inside the graph (what fewer kernels or programmatic dependent launch would cut)
 and the wait for each token (what overlapping the host's work with the next step would hide).
-On a GPU each listed kernel also shows its launch sizes (grid and block): the same kernel source
-compiled twice ran at 9 and 22 µs on an H200, and these tell different tuning from a kernel
-that ran the same launch at another speed.
+On a GPU each listed kernel also shows its launch sizes (grid and block), its time per call, and
+what coordinate-descent tuning measured for it alone. The same kernel source, in two variants
+profiled in one process, ran at 22 and 9 µs a call on an H200; within a process Inductor reuses
+a kernel whose source it has compiled before, tuning and all (its in-memory cache of compiled
+kernels is keyed by the source), so that was most likely one launch at two speeds. These
+columns tell that apart from two tunings, and a tuning that measured something the step does not see.
 
     python bench/decode_profile.py --architecture glm4.1v-9b --device cuda --output bench/results/benchmarks.md
     python bench/decode_profile.py --architecture tiny             # CPU operators instead of kernels
@@ -25,13 +28,16 @@ that ran the same launch at another speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import re
 import statistics
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -93,6 +99,40 @@ def launch_sizes(trace: dict) -> dict[str, str]:
     return {name: "; ".join(sorted(found)) for name, found in sizes.items()}
 
 
+class TunerTimings(logging.Handler):
+    """What coordinate-descent tuning measured for each kernel it tuned, in µs per call: the launch
+    sizes it kept, and the first it tried (Inductor times each alone, the L2 cache flushed before
+    each run). Set beside the profile's own time per call, it says whether the step ran a kernel
+    as fast as its tuning saw it: the same kernel source compiled twice ran at 9 and 22 µs on an
+    H200. Read from the tuner's debug log, which names the kernel as the profiler does."""
+
+    LOGGER = "torch._inductor.runtime.coordinate_descent_tuner"
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.tuned: dict[str, tuple[float, float]] = {}  # name -> (kept, first tried)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # "%s: Improve from %s %f -> %s %f, %.3fx": name, first config, its ms, kept config, its ms
+        if isinstance(record.msg, str) and record.msg.startswith("%s: Improve from") and len(record.args) >= 5:
+            name, _, first_ms, _, kept_ms = record.args[:5]
+            self.tuned[str(name)] = (float(kept_ms) * 1000, float(first_ms) * 1000)
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[None]:
+        log = logging.getLogger(self.LOGGER)
+        level, propagate = log.level, log.propagate
+        log.setLevel(logging.DEBUG)
+        log.propagate = False  # the tuner's other debug lines stay out of the run's log
+        log.addHandler(self)
+        try:
+            yield
+        finally:
+            log.removeHandler(self)
+            log.setLevel(level)
+            log.propagate = propagate
+
+
 def profiled(device: torch.device, work, launches: dict[str, str] | None = None) -> dict[str, tuple[int, float]]:
     """The kernels' times; on a GPU, ``launches`` gets each kernel's launch sizes."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -114,9 +154,11 @@ def table(
     top: int,
     unit: str,
     launches: dict[str, str] | None = None,
+    tuned: dict[str, tuple[float, float]] | None = None,
 ) -> list[str]:
     """Groups, then the ``top`` kernels (or operators: ``unit``), each per step (``per`` steps were
-    profiled), with how each kernel was launched where ``launches`` says."""
+    profiled), with how each kernel was launched where ``launches`` says, and where ``tuned``
+    says, its time per call beside what its tuning measured (TunerTimings)."""
     total = sum(spent for _, spent in times.values()) or 1.0
     groups: dict[str, float] = defaultdict(float)
     for name, (_, spent) in times.items():
@@ -124,14 +166,20 @@ def table(
     lines = [f"**{title}**: {total / per / 1000:.3f} ms of {unit} time per step.", ""]
     lines += ["| group | µs per step | share |", "|---|---:|---:|"]
     lines += [f"| {g} | {t / per:.1f} | {t / total:.0%} |" for g, t in sorted(groups.items(), key=lambda x: -x[1])]
-    launched = bool(launches)
-    lines += ["", f"| {unit} | calls per step | µs per step | share |{' launch |' if launched else ''}"]
-    lines += [f"|---|---:|---:|---:|{'---|' if launched else ''}"]
+    launched, timed_alone = bool(launches), bool(tuned)
+    header = f"| {unit} | calls per step | µs per step | share |"
+    header += " launch |" if launched else ""
+    header += " µs per call | tuned alone: kept (first tried) |" if timed_alone else ""
+    lines += ["", header, "|---|---:|---:|---:|" + ("---|" if launched else "") + ("---:|---:|" if timed_alone else "")]
     ranked = sorted(times.items(), key=lambda item: -item[1][1])[:top]
     for name, (calls, spent) in ranked:
         short = name if len(name) <= 90 else name[:87] + "..."
         row = f"| `{short.replace('|', '/')}` | {calls / per:.0f} | {spent / per:.1f} | {spent / total:.0%} |"
-        lines.append(row + (f" {launches.get(name, '')} |" if launched else ""))
+        row += f" {launches.get(name, '')} |" if launched else ""
+        if timed_alone:
+            kept, first = tuned.get(name, (0.0, 0.0))
+            row += f" {spent / calls:.1f} | {f'{kept:.1f} ({first:.1f})' if name in tuned else ''} |"
+        lines.append(row)
     return [*lines, ""]
 
 
@@ -224,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         help="then profile and time the steps again with each compiled layer storing its MLP activation "
         "(the experiment in compiled_step.py): a before/after in one process",
     )
+    parser.add_argument(
+        "--fuse-rotary",
+        action="store_true",
+        help="then profile and time the steps again compiled with compiled_step.FUSED_ROTARY_OPTIONS (the "
+        "rotary embedding in one kernel with its concatenation and the key cache write): a before/after in one process",
+    )
     parser.add_argument("--timed-steps", type=int, default=50, help="steps in each run of the step timings")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path)
@@ -254,16 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device, 64 if device.type == "cpu" else 2048)
     unit = "kernel" if device.type == "cuda" else "operator"  # a CPU has no kernels to list
 
-    def decode_table(title: str, timings: bool = False) -> list[str]:
-        for _ in range(3):  # compiles, where it is compiled
-            runner.decode(tokens)
+    tuner = TunerTimings()  # all variants': a kernel compiled again from the same source is not tuned again
 
+    def decode_table(title: str, timings: bool = False) -> list[str]:
         def decode() -> None:
             for _ in range(args.steps):
                 runner.decode(tokens)
 
         launches: dict[str, str] = {}
-        times = profiled(device, decode, launches)
+        with tuner.listening():
+            for _ in range(3):  # compiles, where it is compiled; tunes each new kernel on a GPU
+                runner.decode(tokens)
+            times = profiled(device, decode, launches)
         matmul_us = sum(t for name, (_, t) in times.items() if group_of(name) == "matrix multiply") / args.steps
         step_us = sum(t for _, t in times.values()) / args.steps
         summary = (
@@ -273,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s): what replayed steps would reach with their kernels back "
             "to back, before the gaps between kernels and the host's share of a step."
         )
-        lines = [summary, "", *table(title, times, args.steps, args.top, unit, launches)]
+        lines = [summary, "", *table(title, times, args.steps, args.top, unit, launches, tuner.tuned)]
         if not timings:
             return lines
         # A capture of its own each time: the graphs of the last timings are gone, and PyTorch
@@ -288,6 +344,17 @@ def main(argv: list[str] | None = None) -> int:
             decode_tables += decode_table("Decode step, MLP activation stored", timings=True)
         finally:
             compiled_step.STORE_MLP_ACTIVATION = False
+    if args.fuse_rotary:
+        served_options = dict(compiled_step.COMPILE_OPTIONS)
+        compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
+        try:
+            if runner.compiled is not None:  # compiled again, with these options (a CPU's steps are not compiled)
+                runner.compile_anew()
+        finally:
+            compiled_step.COMPILE_OPTIONS.clear()
+            compiled_step.COMPILE_OPTIONS.update(served_options)
+        decode_tables += ["Compiled with the rotary embedding fused into fewer kernels (`FUSED_ROTARY_OPTIONS`):", ""]
+        decode_tables += decode_table("Decode step, rotary embedding fused", timings=True)
     if args.flex:
         decode_attention.use_flex_decoding(True)  # the next step compiles again, through FlexAttention
         try:

@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         help="compiled layers store their MLP's activation once instead of recomputing it inside the "
         "down projection's one-row reduction (an experiment)",
     )
+    parser.add_argument(
+        "--fuse-rotary",
+        action="store_true",
+        help="compile with compiled_step.FUSED_ROTARY_OPTIONS: a one-row step's rotary embedding in fewer kernels "
+        "(an experiment)",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
     args = parser.parse_args(argv)
@@ -205,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             parser.error(f"--compile-option {option!r}: expected NAME=JSON, e.g. triton.enable_pdl=true")
     compiled_step.STORE_MLP_ACTIVATION = args.store_mlp_activation  # read when a layer is compiled
+    if args.fuse_rotary:  # shown among the options in the report
+        compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if not args.tiny and device.type != "cuda":
         print("error: the full benchmark needs a CUDA device (use --tiny on a CPU)", file=sys.stderr)

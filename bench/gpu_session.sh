@@ -8,15 +8,18 @@
 #   gpu-tests       the CUDA-only paths against their eager answers (tests/test_cuda_paths.py, tiny model)
 #   served          the engine as served (gpu-bench): the targets; also one stream with each step waited
 #                   for (GLM4V_OVERLAP_STEPS=false), on the same engine in the same run
+#   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
+#                   as kernels alone, replayed back to back and with each token read back; then the same
+#                   with the MLP activation stored and with the rotary embedding fused (the two experiments,
+#                   in the same process); each kernel's time per call beside what its tuning measured alone
 #   mlp-ab          one stream without and with the MLP activation stored, alternately, each run in a process of its
 #                   own that compiles and tunes afresh (AB_ROUNDS rounds, 2 unless set): the stored activation's gain
 #                   against the spread between compilations, which one run of each could not tell apart
 #                   (gpu-mlp-activation-ab; about a minute per run)
+#   rotary-ab       as mlp-ab, for the rotary embedding fused into fewer kernels (compiled_step.FUSED_ROTARY_OPTIONS:
+#                   8 Triton kernels a layer instead of 11 for one row) (gpu-rotary-ab)
 #   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
 #                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
-#   profile         where a decode step's and a prefill's kernel time goes (decode-profile), the step timed
-#                   as kernels alone, replayed back to back and with each token read back; then the same
-#                   with the MLP activation stored (the mlp-activation experiment, in the same process)
 #   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length, and
 #                   the step's kernels with the FlexAttention experiment
 #   wider-tuning    as served but coordinate descent searches further (all directions, radius 2) for each kernel's
@@ -78,8 +81,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
-else default_steps="gpu-tests served mlp-ab profile mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served profile mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served profile mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -108,7 +111,7 @@ for name in $STEPS; do
     compile-restart) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --restart --output "$report" ;;
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
     profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --store-mlp-activation \
-      --output "$report" ;;
+      --fuse-rotary --output "$report" ;;
     profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex \
       --prompt-words "$long_words" --section decode-profile-long --output "$report" ;;
     eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \
@@ -133,9 +136,12 @@ for name in $STEPS; do
     mlp-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting=--store-mlp-activation --fresh-compile-cache \
       --rounds "$ab_rounds" --section gpu-mlp-activation-ab --output "$report" -- bench/gpu_bench.py --concurrency \
       --decode-tokens 128 "${extra[@]}" ;;
+    rotary-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting=--fuse-rotary --fresh-compile-cache \
+      --rounds "$ab_rounds" --section gpu-rotary-ab --output "$report" -- bench/gpu_bench.py --concurrency \
+      --decode-tokens 128 "${extra[@]}" ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served mlp-ab mlp-activation profile autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served profile mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

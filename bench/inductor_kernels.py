@@ -7,9 +7,9 @@ how many kernels a layer takes. This script traces one one-row decode layer of G
 text architecture (or the tiny one) on fake CUDA tensors, as torch.compile traces it
 (Inductor's decompositions, the engine's compile options), then has Inductor lower it and write
 its Triton source for a compute-capability-9.0 GPU, answering the few questions Inductor asks of
-the device with an H200's figures. It does so for the layer as served and with the MLP
-activation stored (the experiment in glm4v_bento/engine/compiled_step.py), and prints each
-kernel's size and what it loads and computes.
+the device with an H200's figures. It does so for the layer as served and for the two
+experiments in glm4v_bento/engine/compiled_step.py (the MLP activation stored, the rotary
+embedding fused), and prints each kernel's size and what it loads and computes.
 
 Attention is traced as the one cuDNN SDPA call the H200's profile shows: without a GPU, SDPA
 would pick its math backend and come out as two batched multiplies and a softmax, with
@@ -191,7 +191,8 @@ KINDS = {"red": "reduction", "per": "persistent reduction", "poi": "pointwise"}
 def parse_kernels(source: str, config) -> list[Kernel]:
     """The Triton kernels in a generated module, in the order it defines them."""
     hidden, intermediate = config.hidden_size, config.intermediate_size
-    qkv = hidden + 2 * config.num_key_value_heads * (hidden // config.num_attention_heads)
+    keys = config.num_key_value_heads * (hidden // config.num_attention_heads)  # one row's keys (or values)
+    qkv = hidden + 2 * keys
     roles = {
         (qkv, hidden): "queries, keys, values",
         (hidden, hidden): "output projection",
@@ -199,6 +200,12 @@ def parse_kernels(source: str, config) -> list[Kernel]:
         (intermediate, hidden): "gate and up",
         (hidden, intermediate): "down projection",
         (1, hidden): "norms, residual add",
+        # pointwise, by what they write: the queries are as wide as the hidden state
+        (hidden, 0): "queries, rotary embedding",
+        (hidden // 2, 0): "queries, half of each head",
+        (keys, 0): "keys, rotary embedding",
+        (keys // 2, 0): "keys, half of each head",
+        (2 * keys, 0): "keys and values into the cache",
     }
     kernels = []
     for name, body in KERNEL.findall(source):
@@ -219,19 +226,33 @@ def parse_kernels(source: str, config) -> list[Kernel]:
     return kernels
 
 
-VARIANTS = {"as served": False, "MLP activation stored (experiment)": True}
+@dataclass(frozen=True)
+class Variant:
+    file: str  # its generated module's name, with --source
+    store_mlp_activation: bool = False
+    options: dict | None = None  # Inductor options added to the engine's
+
+
+VARIANTS = {
+    "as served": Variant("layer_served.py"),
+    "MLP activation stored (experiment)": Variant("layer_stored.py", store_mlp_activation=True),
+    "rotary embedding fused (experiment)": Variant("layer_rotary_fused.py", options=compiled_step.FUSED_ROTARY_OPTIONS),
+}
 
 
 def layer_kernels(tiny: bool, source_dir: Path | None = None) -> dict[str, list[Kernel]]:
     """Each variant's kernels for one one-row decode layer."""
     config = text_config(tiny)
     found = {}
-    for variant, store in VARIANTS.items():
-        with mock.patch.object(compiled_step, "STORE_MLP_ACTIVATION", store):
+    for label, variant in VARIANTS.items():
+        with (
+            mock.patch.object(compiled_step, "STORE_MLP_ACTIVATION", variant.store_mlp_activation),
+            mock.patch.dict(compiled_step.COMPILE_OPTIONS, variant.options or {}),
+        ):
             source = generate_source(trace_one_row_layer(config))
         if source_dir is not None:
-            (source_dir / f"layer_{'stored' if store else 'served'}.py").write_text(source)
-        found[variant] = parse_kernels(source, config)
+            (source_dir / variant.file).write_text(source)
+        found[label] = parse_kernels(source, config)
     return found
 
 

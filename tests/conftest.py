@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -93,3 +97,15 @@ def redis_url(tmp_path_factory):
     yield url
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gpu_kernels() -> dict[str, list[dict]]:
+    """bench/inductor_kernels.py: the Triton kernels Inductor writes for one decoder layer of a
+    one-row step of GLM-4.1V-9B on a GPU (written on this machine as for an H200, not run), as
+    served and for each experiment (label -> kernels). In a process of its own, because it
+    answers Inductor's questions about the device with an H200's figures."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "inductor_kernels.py"
+    result = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)

@@ -292,12 +292,13 @@ def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
     bench = load_bench("decode_profile")
     output = tmp_path / "benchmarks.md"
     arguments = ["--steps", "2", "--top", "5", "--timed-steps", "3", "--flex", "--store-mlp-activation"]
-    assert bench.main([*arguments, "--output", str(output)]) == 0
+    assert bench.main([*arguments, "--fuse-rotary", "--output", str(output)]) == 0
     text = output.read_text()
     assert "**Decode step**" in text and "**Prefill of one 112x112 image" in text
     assert "**Decode step, FlexAttention**" in text
     assert "**Decode step, MLP activation stored**" in text
-    assert text.count("**Decode step of 1 row(s) over") == 2  # timed as served, and with it stored
+    assert "**Decode step, rotary embedding fused**" in text
+    assert text.count("**Decode step of 1 row(s) over") == 3  # timed as served, stored, fused
     assert "| matrix multiply |" in text and "| attention |" in text
     shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in text.splitlines() if line.endswith("% |")]
     assert shares and all(0 <= share <= 100 for share in shares)
@@ -382,6 +383,30 @@ def test_decode_profile_lists_each_kernels_launch_sizes_from_the_trace():
     assert "| kernel | calls per step | µs per step | share | launch |" in lines
     assert "| `triton_red_fused_mm_t_view_0` | 40 | 400.0 | 55% | grid 144, block 256 |" in lines
     assert "| `Memset (Device)` | 40 | 30.0 | 4% |  |" in lines  # no launch sizes in the trace
+
+
+def test_decode_profile_sets_each_kernels_time_per_call_beside_what_its_tuning_measured():
+    """Coordinate-descent tuning's verdicts, read from its debug log as Inductor writes them (ms),
+    through to the table: the kernel's time per call in the step, and its tuned time alone."""
+    import logging
+
+    bench = load_bench("decode_profile")
+    tuner = bench.TunerTimings()
+    log = logging.getLogger(bench.TunerTimings.LOGGER)
+    message = "%s: Improve from %s %f -> %s %f, %.3fx"
+    level, propagate = log.level, log.propagate
+    with tuner.listening():
+        log.debug("= Do coordinate descent tuning for %s =", "triton_red_fused_mm_t_view_0")
+        log.debug(message, "triton_red_fused_mm_t_view_0", "XBLOCK: 1", 0.0142, "XBLOCK: 4", 0.0091, 1.56)
+    log.debug(message, "triton_poi_fused_1", "XBLOCK: 64", 0.003, "XBLOCK: 128", 0.002, 1.5)  # not listening
+    assert tuner.tuned == {"triton_red_fused_mm_t_view_0": pytest.approx((9.1, 14.2))}
+    assert (log.level, log.propagate) == (level, propagate)  # the logger as it was
+
+    times = {"triton_red_fused_mm_t_view_0": (40, 880.0), "cudnn_sdpa": (40, 300.0)}
+    lines = bench.table("Decode step", times, 1, 2, "kernel", {}, tuner.tuned)
+    assert "| kernel | calls per step | µs per step | share | µs per call | tuned alone: kept (first tried) |" in lines
+    assert "| `triton_red_fused_mm_t_view_0` | 40 | 880.0 | 75% | 22.0 | 9.1 (14.2) |" in lines
+    assert "| `cudnn_sdpa` | 40 | 300.0 | 25% | 7.5 |  |" in lines  # a library kernel: not tuned
 
 
 def test_decode_profile_times_the_same_step_replayed_without_growing_the_cache():

@@ -88,11 +88,10 @@ def test_overlapped_steps_give_the_answers_of_steps_waited_for(cuda_model):
     assert answers[1] == answers[0]
 
 
-def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypatch):
-    """The experiment (compiled_step.STORE_MLP_ACTIVATION), compiled on Triton with graphs: one
-    row (gate and up apart, the activation stored), then eight rows; each answer its eager one,
-    and the compiled steps still on (a compiled step that disagrees with eager is turned off)."""
-    monkeypatch.setattr(compiled_step, "STORE_MLP_ACTIVATION", True)
+def assert_compiled_with_graphs_answers_as_eager(cuda_model) -> None:
+    """One row, then eight rows, compiled on Triton and replayed from graphs: each answer its
+    eager one, and the compiled steps still on (a compiled step that disagrees with eager is
+    turned off)."""
     expected = eager_answers(cuda_model)
     engine = Engine(cuda_model, cuda_graphs=True, compile_decode=True)
     try:
@@ -103,6 +102,19 @@ def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypat
         engine.close()
     assert path["compiled"] and path["cuda_graphs"]
     assert [first, *batch] == [expected[0], *expected]
+
+
+def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypatch):
+    """The experiment (compiled_step.STORE_MLP_ACTIVATION): one row's gate and up apart, the activation stored."""
+    monkeypatch.setattr(compiled_step, "STORE_MLP_ACTIVATION", True)
+    assert_compiled_with_graphs_answers_as_eager(cuda_model)
+
+
+def test_the_rotary_embedding_fused_gives_the_eager_answers(cuda_model, monkeypatch):
+    """The experiment (compiled_step.FUSED_ROTARY_OPTIONS): one row's keys rotated inside the cache write."""
+    monkeypatch.setattr(compiled_step, "COMPILE_OPTIONS", {**compiled_step.COMPILE_OPTIONS})
+    compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
+    assert_compiled_with_graphs_answers_as_eager(cuda_model)
 
 
 def test_pixels_are_pinned_for_a_cuda_model_and_answer_as_unpinned(cuda_model):

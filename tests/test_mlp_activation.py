@@ -4,11 +4,7 @@ Its speed is a GPU figure (bench/gpu_bench.py --store-mlp-activation)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -63,18 +59,6 @@ def test_compiled_steps_with_the_activation_stored_decode_what_transformers_does
     runner = ModelRunner(loaded, max_rows=8, compile_decode=True)
     join_and_leave(runner, prompts, references)
     assert runner.compiled.enabled and runner.compiled.checked  # compiled, and agreed with the eager step
-
-
-@pytest.fixture(scope="module")
-def gpu_kernels() -> dict[str, list[dict]]:
-    """bench/inductor_kernels.py: the Triton kernels Inductor writes for one decoder layer of a
-    one-row step of GLM-4.1V-9B on a GPU (written on this machine as for an H200, not run), as
-    served and with the activation stored. In a process of its own, because it answers
-    Inductor's questions about the device with an H200's figures."""
-    script = Path(__file__).resolve().parent.parent / "bench" / "inductor_kernels.py"
-    result = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
 
 
 def the_kernel(kernels: list[dict], role: str) -> dict:

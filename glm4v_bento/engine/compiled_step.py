@@ -117,14 +117,34 @@ def decode_layer(
 # matrix-vector products reach peak bandwidth. It also tunes the fused kernels' launch sizes.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
+# An experiment, off unless added to COMPILE_OPTIONS (gpu_bench's and decode_profile's --fuse-rotary):
+# Inductor options under which a one-row step's layer takes 8 Triton kernels instead of 11. As
+# served, the queries' rotary embedding takes two kernels and the keys' two more: the rotated half,
+# then a copy of the other half, because Inductor lowers the concatenation that joins them as
+# copies into slices when its inputs could fuse the q/k/v reduction. The keys then make one more
+# trip through memory to the cache write. With a pointwise concatenation, and an inlined result
+# allowed more reads and operations before Inductor stores it apart (torch 2.11 needs the first
+# threshold raised, 2.14 the other two), the queries take one kernel and the keys' rotation runs
+# inside the cache write. Batches' layers are written the same either way: their projection is a
+# library GEMM, after which Inductor already fuses so. On an H200 the six small kernels took about
+# 8 µs a layer (docs/benchmarks.md); what fusing them saves is the GPU's to measure.
+# bench/inductor_kernels.py lists the kernels either way, on any machine.
+FUSED_ROTARY_OPTIONS = {
+    "force_pointwise_cat": True,
+    "realize_reads_threshold": 16,
+    "realize_acc_reads_threshold": 16,
+    "realize_opcount_threshold": 64,
+}
+
 
 class CompiledStep:
     def __init__(self, forward: PartedForward, parts: DecodeParts) -> None:
         self.eager: Forward = lambda rows, columns: forward(rows, columns, parts)
+        self.options = dict(COMPILE_OPTIONS)  # as they are now: torch.compile takes them at once
         compiled_parts = DecodeParts(
-            begin=torch.compile(parts.begin, dynamic=True, options=COMPILE_OPTIONS),
-            layer=torch.compile(parts.layer, dynamic=True, options=COMPILE_OPTIONS),
-            end=torch.compile(parts.end, dynamic=True, options=COMPILE_OPTIONS),
+            begin=torch.compile(parts.begin, dynamic=True, options=self.options),
+            layer=torch.compile(parts.layer, dynamic=True, options=self.options),
+            end=torch.compile(parts.end, dynamic=True, options=self.options),
         )
 
         def compiled(rows: int, columns: int) -> torch.Tensor:

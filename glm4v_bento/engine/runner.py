@@ -110,6 +110,14 @@ class ModelRunner:
         if cuda_graphs and self.one_gpu:
             self.use_graphs(cuda_capture())
 
+    def compile_anew(self) -> None:
+        """A new compiled decode step, with ``compiled_step.COMPILE_OPTIONS`` as they are now (its
+        first step compiles, and is checked, again): benchmarks comparing options in one process.
+        Steps replayed from graphs would keep the old step, so it is for a runner without them."""
+        if self.graphs is not None:
+            raise RuntimeError("compile_anew is for a runner without CUDA graphs")
+        self.compiled = CompiledStep(self._forward, self._eager_parts)
+
     def use_graphs(self, capture: Capture) -> DecodeGraphs:
         """Decode through graphs recorded by ``capture`` (the CUDA one, or a stand-in in tests)."""
         self.graphs = DecodeGraphs(self.cache, self._step, self._forward, capture)
