@@ -12,6 +12,9 @@
 #                   as kernels alone, replayed back to back and with each token read back; then the same
 #                   with the MLP activation stored and with the rotary embedding fused (the two experiments,
 #                   in the same process); each kernel's time per call beside what its tuning measured alone
+#   both-ab         one stream as served and with both experiments below (the MLP activation stored, the rotary
+#                   embedding fused), alternately, as mlp-ab: their sum is likelier than either alone to stand out of
+#                   the spread between compilations in few runs (gpu-experiments-ab)
 #   mlp-ab          one stream without and with the MLP activation stored, alternately, each run in a process of its
 #                   own that compiles and tunes afresh (AB_ROUNDS rounds, 2 unless set): the stored activation's gain
 #                   against the spread between compilations, which one run of each could not tell apart
@@ -81,8 +84,8 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served profile mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
-else default_steps="gpu-tests served profile mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -136,12 +139,15 @@ for name in $STEPS; do
     mlp-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting=--store-mlp-activation --fresh-compile-cache \
       --rounds "$ab_rounds" --section gpu-mlp-activation-ab --output "$report" -- bench/gpu_bench.py --concurrency \
       --decode-tokens 128 "${extra[@]}" ;;
+    both-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting="--store-mlp-activation --fuse-rotary" \
+      --fresh-compile-cache --rounds "$ab_rounds" --section gpu-experiments-ab --output "$report" -- bench/gpu_bench.py \
+      --concurrency --decode-tokens 128 "${extra[@]}" ;;
     rotary-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting=--fuse-rotary --fresh-compile-cache \
       --rounds "$ab_rounds" --section gpu-rotary-ab --output "$report" -- bench/gpu_bench.py --concurrency \
       --decode-tokens 128 "${extra[@]}" ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served profile mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done
