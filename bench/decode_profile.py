@@ -249,6 +249,42 @@ def _per_step_ms(work, repeats: int) -> float:
     return statistics.median(runs)
 
 
+@contextlib.contextmanager
+def mlp_activation_stored() -> Iterator[None]:
+    """The next step compiles again (the layer reads the flag as it is traced), storing it."""
+    compiled_step.STORE_MLP_ACTIVATION = True
+    try:
+        yield
+    finally:
+        compiled_step.STORE_MLP_ACTIVATION = False
+
+
+@contextlib.contextmanager
+def rotary_fused(runner: ModelRunner) -> Iterator[None]:
+    """A step compiled anew with FUSED_ROTARY_OPTIONS added (a CPU's steps are not compiled: no
+    change there), then the served step back."""
+    served_step, served_options = runner.compiled, dict(compiled_step.COMPILE_OPTIONS)
+    try:
+        if served_step is not None:
+            compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
+            runner.compile_anew()  # takes the options as they are now
+        yield
+    finally:
+        compiled_step.COMPILE_OPTIONS.clear()
+        compiled_step.COMPILE_OPTIONS.update(served_options)
+        runner.compiled = served_step
+
+
+@contextlib.contextmanager
+def flex_decoding() -> Iterator[None]:
+    """The next step compiles again, through FlexAttention."""
+    decode_attention.use_flex_decoding(True)
+    try:
+        yield
+    finally:
+        decode_attention.use_flex_decoding(False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architecture", choices=["tiny", "glm4.1v-9b"], default="tiny")
@@ -337,31 +373,20 @@ def main(argv: list[str] | None = None) -> int:
         return lines + step_timings(runner, step_us, read, bandwidth, args.timed_steps, new_capture(device))
 
     decode_tables = decode_table("Decode step", timings=True)
-    if args.store_mlp_activation:
-        compiled_step.STORE_MLP_ACTIVATION = True  # the next step compiles again, storing it
-        try:
-            decode_tables += ["With each compiled layer storing its MLP activation:", ""]
-            decode_tables += decode_table("Decode step, MLP activation stored", timings=True)
-        finally:
-            compiled_step.STORE_MLP_ACTIVATION = False
-    if args.fuse_rotary:
-        served_options = dict(compiled_step.COMPILE_OPTIONS)
-        compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
-        try:
-            if runner.compiled is not None:  # compiled again, with these options (a CPU's steps are not compiled)
-                runner.compile_anew()
-        finally:
-            compiled_step.COMPILE_OPTIONS.clear()
-            compiled_step.COMPILE_OPTIONS.update(served_options)
-        decode_tables += ["Compiled with the rotary embedding fused into fewer kernels (`FUSED_ROTARY_OPTIONS`):", ""]
-        decode_tables += decode_table("Decode step, rotary embedding fused", timings=True)
-    if args.flex:
-        decode_attention.use_flex_decoding(True)  # the next step compiles again, through FlexAttention
-        try:
-            decode_tables += ["With FlexAttention for the compiled steps' attention:", ""]
-            decode_tables += decode_table("Decode step, FlexAttention")
-        finally:
-            decode_attention.use_flex_decoding(False)
+    # Each experiment asked for, after the served step and undone before the next: (flag, what it
+    # is, its table's title, the step timed too, the setting while it runs)
+    experiments = [
+        (args.store_mlp_activation, "With each compiled layer storing its MLP activation:",
+         "Decode step, MLP activation stored", True, mlp_activation_stored()),
+        (args.fuse_rotary, "Compiled with the rotary embedding fused into fewer kernels (`FUSED_ROTARY_OPTIONS`):",
+         "Decode step, rotary embedding fused", True, rotary_fused(runner)),
+        (args.flex, "With FlexAttention for the compiled steps' attention:",
+         "Decode step, FlexAttention", False, flex_decoding()),
+    ]  # fmt: skip
+    for asked, intro, title, timings, setting in experiments:
+        if asked:
+            with setting:
+                decode_tables += [intro, "", *decode_table(title, timings=timings)]
     lines = [
         f"<!-- {args.section}:start -->",
         "## Where a decode step's time goes",

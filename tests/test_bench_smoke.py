@@ -409,6 +409,21 @@ def test_decode_profile_sets_each_kernels_time_per_call_beside_what_its_tuning_m
     assert "| `cudnn_sdpa` | 40 | 300.0 | 25% | 7.5 |  |" in lines  # a library kernel: not tuned
 
 
+def test_decode_profile_profiles_the_rotary_fused_then_gives_the_served_step_back(loaded_model):
+    """The experiment's step is compiled anew with the options; the experiments after it (and the
+    engine's options) find the served step and options again."""
+    from glm4v_bento.engine import compiled_step
+    from glm4v_bento.engine.runner import ModelRunner
+
+    bench = load_bench("decode_profile")
+    runner = ModelRunner(loaded_model, max_rows=2, compile_decode=True, cuda_graphs=False)
+    served, options = runner.compiled, dict(compiled_step.COMPILE_OPTIONS)
+    with bench.rotary_fused(runner):
+        assert runner.compiled is not served
+        assert runner.compiled.options == {**options, **compiled_step.FUSED_ROTARY_OPTIONS}
+    assert runner.compiled is served and options == compiled_step.COMPILE_OPTIONS
+
+
 def test_decode_profile_times_the_same_step_replayed_without_growing_the_cache():
     """The step timings replay the last step in place: the cache neither grows nor moves, and
     the runner is left without graphs for the profiles that follow."""
