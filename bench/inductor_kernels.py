@@ -102,7 +102,7 @@ def trace_one_row_layer(config, columns: int = COLUMNS) -> torch.fx.GraphModule:
             cos, sin = text.rotary_emb(hidden, position_ids=torch.zeros(3, 1, 1, dtype=torch.long))
             keys = torch.zeros(2, kv_heads, columns + 16, head_dim)
             inputs = (hidden, hidden, cos, sin, torch.zeros(1, 1, 1, columns), keys, torch.zeros_like(keys))
-            indices = (torch.arange(2), torch.zeros(2, dtype=torch.long))  # rows, write column
+            indices = (torch.arange(2), torch.zeros(1, dtype=torch.long))  # rows, write column (one for all rows)
             return make_fx(
                 lambda *tensors: compiled_step.decode_layer(text.layers[0], text.norm, *tensors),
                 decomposition_table=select_decomp_table(),
@@ -200,17 +200,19 @@ def parse_kernels(source: str, config) -> list[Kernel]:
         (intermediate, hidden): "gate and up",
         (hidden, intermediate): "down projection",
         (1, hidden): "norms, residual add",
-        # pointwise, by what they write: the queries are as wide as the hidden state
-        (hidden, 0): "queries, rotary embedding",
-        (hidden // 2, 0): "queries, half of each head",
-        (keys, 0): "keys, rotary embedding",
-        (keys // 2, 0): "keys, half of each head",
-        (2 * keys, 0): "keys and values into the cache",
+    }
+    pointwise_roles = {  # by the values they write and how many stores: the queries are as wide as the hidden state
+        (hidden, 1): "queries, rotary embedding",
+        (hidden // 2, 1): "queries, half of each head",
+        (keys, 1): "keys, rotary embedding",
+        (keys // 2, 1): "keys, half of each head",
+        (keys, 2): "keys and values into the cache",
     }
     kernels = []
     for name, body in KERNEL.findall(source):
         sizes = {key: int(value) for key, value in re.findall(r"^\s+(xnumel|r0_numel) = (\d+)$", body, re.M)}
         outputs, reduced = sizes.get("xnumel", 1), sizes.get("r0_numel", 0)
+        stores = body.count("tl.store(")
         kernels.append(
             Kernel(
                 name=name,
@@ -218,9 +220,9 @@ def parse_kernels(source: str, config) -> list[Kernel]:
                 outputs=outputs,
                 reduced=reduced,
                 loads=body.count("tl.load("),
-                stores=body.count("tl.store("),
+                stores=stores,
                 exps=len(re.findall(r"\bexp\(", body)),
-                role=roles.get((outputs, reduced), ""),
+                role=roles.get((outputs, reduced), "") if reduced else pointwise_roles.get((outputs, stores), ""),
             )
         )
     return kernels
