@@ -122,19 +122,14 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 # served, the queries' rotary embedding takes two kernels and the keys' two more: the rotated half,
 # then a copy of the other half, because Inductor lowers the concatenation that joins them as
 # copies into slices when its inputs could fuse the q/k/v reduction. The keys then make one more
-# trip through memory to the cache write. With a pointwise concatenation, and an inlined result
-# allowed more reads and operations before Inductor stores it apart (torch 2.11 needs the first
-# threshold raised, 2.14 the other two), the queries take one kernel and the keys' rotation runs
-# inside the cache write. Batches' layers are written the same either way: their projection is a
-# library GEMM, after which Inductor already fuses so. On an H200 the six small kernels took about
-# 8 µs a layer (docs/benchmarks.md); what fusing them saves is the GPU's to measure.
+# trip through memory to the cache write. With a pointwise concatenation, and up to 16 reads
+# (4 by default) for a result used more than once before Inductor stores it apart instead of
+# inlining it, the queries take one kernel and the keys' rotation runs inside the cache write
+# (torch 2.11 and 2.14 alike). Batches' layers are written the same either way: their projection
+# is a library GEMM, after which Inductor already fuses so. On an H200 the six small kernels took
+# about 8 µs a layer (docs/benchmarks.md); what fusing them saves is the GPU's to measure.
 # bench/inductor_kernels.py lists the kernels either way, on any machine.
-FUSED_ROTARY_OPTIONS = {
-    "force_pointwise_cat": True,
-    "realize_reads_threshold": 16,
-    "realize_acc_reads_threshold": 16,
-    "realize_opcount_threshold": 64,
-}
+FUSED_ROTARY_OPTIONS = {"force_pointwise_cat": True, "realize_reads_threshold": 16}
 
 
 class CompiledStep:
