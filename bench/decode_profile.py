@@ -40,6 +40,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image
@@ -103,8 +104,8 @@ class TunerTimings(logging.Handler):
     """What coordinate-descent tuning measured for each kernel it tuned, in µs per call: the launch
     sizes it kept, and the first it tried (Inductor times each alone, the L2 cache flushed before
     each run). Set beside the profile's own time per call, it says whether the step ran a kernel
-    as fast as its tuning saw it: the same kernel source compiled twice ran at 9 and 22 µs on an
-    H200. Read from the tuner's debug log, which names the kernel as the profiler does."""
+    as fast as its tuning saw it: on an H200 one kernel ran at 9 and 22 µs a call in two variants
+    profiled in one process. Read from the tuner's debug log, which names the kernel as the profiler does."""
 
     LOGGER = "torch._inductor.runtime.coordinate_descent_tuner"
 
@@ -177,8 +178,8 @@ def table(
         row = f"| `{short.replace('|', '/')}` | {calls / per:.0f} | {spent / per:.1f} | {spent / total:.0%} |"
         row += f" {launches.get(name, '')} |" if launched else ""
         if timed_alone:
-            kept, first = tuned.get(name, (0.0, 0.0))
-            row += f" {spent / calls:.1f} | {f'{kept:.1f} ({first:.1f})' if name in tuned else ''} |"
+            alone = f"{tuned[name][0]:.1f} ({tuned[name][1]:.1f})" if name in tuned else ""
+            row += f" {spent / calls:.1f} | {alone} |"
         lines.append(row)
     return [*lines, ""]
 
@@ -250,28 +251,16 @@ def _per_step_ms(work, repeats: int) -> float:
 
 
 @contextlib.contextmanager
-def mlp_activation_stored() -> Iterator[None]:
-    """The next step compiles again (the layer reads the flag as it is traced), storing it."""
-    compiled_step.STORE_MLP_ACTIVATION = True
-    try:
-        yield
-    finally:
-        compiled_step.STORE_MLP_ACTIVATION = False
-
-
-@contextlib.contextmanager
 def rotary_fused(runner: ModelRunner) -> Iterator[None]:
     """A step compiled anew with FUSED_ROTARY_OPTIONS added (a CPU's steps are not compiled: no
     change there), then the served step back."""
-    served_step, served_options = runner.compiled, dict(compiled_step.COMPILE_OPTIONS)
+    served_step = runner.compiled
     try:
-        if served_step is not None:
-            compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
-            runner.compile_anew()  # takes the options as they are now
-        yield
+        with mock.patch.dict(compiled_step.COMPILE_OPTIONS, compiled_step.FUSED_ROTARY_OPTIONS):
+            if served_step is not None:
+                runner.compile_anew()  # takes the options as they are now
+            yield
     finally:
-        compiled_step.COMPILE_OPTIONS.clear()
-        compiled_step.COMPILE_OPTIONS.update(served_options)
         runner.compiled = served_step
 
 
@@ -377,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     # is, its table's title, the step timed too, the setting while it runs)
     experiments = [
         (args.store_mlp_activation, "With each compiled layer storing its MLP activation:",
-         "Decode step, MLP activation stored", True, mlp_activation_stored()),
+         "Decode step, MLP activation stored", True, mock.patch.object(compiled_step, "STORE_MLP_ACTIVATION", True)),
         (args.fuse_rotary, "Compiled with the rotary embedding fused into fewer kernels (`FUSED_ROTARY_OPTIONS`):",
          "Decode step, rotary embedding fused", True, rotary_fused(runner)),
         (args.flex, "With FlexAttention for the compiled steps' attention:",

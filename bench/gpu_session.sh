@@ -83,6 +83,10 @@ step() {  # run one step, logged; a failure is noted and the session goes on
     failed+=("$name")
   fi
 }
+ab() {  # one A/B step: one stream without and with the setting $2, alternately, each run compiling afresh -> section $3
+  step "$1" "$PYTHON" bench/compare_revisions.py --setting="$2" --fresh-compile-cache --rounds "$ab_rounds" \
+    --section "$3" --output "$report" -- bench/gpu_bench.py --concurrency --decode-tokens 128 "${extra[@]}"
+}
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
 if [ -d "$base" ]; then default_steps="gpu-tests served profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
 else default_steps="gpu-tests served profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
@@ -136,15 +140,9 @@ for name in $STEPS; do
       --compile-option coordinate_descent_check_all_directions=true --compile-option coordinate_descent_search_radius=2 \
       --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    mlp-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting=--store-mlp-activation --fresh-compile-cache \
-      --rounds "$ab_rounds" --section gpu-mlp-activation-ab --output "$report" -- bench/gpu_bench.py --concurrency \
-      --decode-tokens 128 "${extra[@]}" ;;
-    both-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting="--store-mlp-activation --fuse-rotary" \
-      --fresh-compile-cache --rounds "$ab_rounds" --section gpu-experiments-ab --output "$report" -- bench/gpu_bench.py \
-      --concurrency --decode-tokens 128 "${extra[@]}" ;;
-    rotary-ab) step "$name" "$PYTHON" bench/compare_revisions.py --setting=--fuse-rotary --fresh-compile-cache \
-      --rounds "$ab_rounds" --section gpu-rotary-ab --output "$report" -- bench/gpu_bench.py --concurrency \
-      --decode-tokens 128 "${extra[@]}" ;;
+    mlp-ab) ab "$name" --store-mlp-activation gpu-mlp-activation-ab ;;
+    both-ab) ab "$name" "--store-mlp-activation --fuse-rotary" gpu-experiments-ab ;;
+    rotary-ab) ab "$name" --fuse-rotary gpu-rotary-ab ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
     *) echo "== unknown step $name (known: gpu-tests served profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \

@@ -16,9 +16,9 @@ would pick its math backend and come out as two batched multiplies and a softmax
 different kernels around it. The SDPA call is a library kernel, not listed. The launch sizes are
 a GPU's choice (coordinate-descent tuning times them there). It reaches into torch's internals (Inductor's
 lowering, the device queries it answers), so a torch upgrade may need it adjusted:
-tests/test_mlp_activation.py runs it, so that shows at once.
+the tests run it (tests/conftest.py's gpu_kernels), so that shows at once.
 
-    python bench/inductor_kernels.py                 # both tables
+    python bench/inductor_kernels.py                 # the tables
     python bench/inductor_kernels.py --json          # the same, as JSON
     python bench/inductor_kernels.py --source DIR    # also each variant's generated module
     python bench/inductor_kernels.py --output docs/benchmarks.md
@@ -36,7 +36,7 @@ import tempfile
 import types
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from unittest import mock
@@ -232,7 +232,7 @@ def parse_kernels(source: str, config) -> list[Kernel]:
 class Variant:
     file: str  # its generated module's name, with --source
     store_mlp_activation: bool = False
-    options: dict | None = None  # Inductor options added to the engine's
+    options: dict = field(default_factory=dict)  # Inductor options added to the engine's
 
 
 VARIANTS = {
@@ -249,7 +249,7 @@ def layer_kernels(tiny: bool, source_dir: Path | None = None) -> dict[str, list[
     for label, variant in VARIANTS.items():
         with (
             mock.patch.object(compiled_step, "STORE_MLP_ACTIVATION", variant.store_mlp_activation),
-            mock.patch.dict(compiled_step.COMPILE_OPTIONS, variant.options or {}),
+            mock.patch.dict(compiled_step.COMPILE_OPTIONS, variant.options),
         ):
             source = generate_source(trace_one_row_layer(config))
         if source_dir is not None:

@@ -112,8 +112,9 @@ def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypat
 
 def test_the_rotary_embedding_fused_gives_the_eager_answers(cuda_model, monkeypatch):
     """The experiment (compiled_step.FUSED_ROTARY_OPTIONS): one row's keys rotated inside the cache write."""
-    monkeypatch.setattr(compiled_step, "COMPILE_OPTIONS", {**compiled_step.COMPILE_OPTIONS})
-    compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
+    monkeypatch.setattr(
+        compiled_step, "COMPILE_OPTIONS", {**compiled_step.COMPILE_OPTIONS, **compiled_step.FUSED_ROTARY_OPTIONS}
+    )
     assert_compiled_with_graphs_answers_as_eager(cuda_model)
 
 

@@ -53,8 +53,9 @@ def test_the_fused_options_leave_the_layers_other_kernels_as_they_were(gpu_kerne
 def test_compiled_steps_with_the_rotary_fused_decode_what_transformers_does(tiny_model_dir, engine, monkeypatch):
     """The options through torch.compile on this machine (C++ kernels, not Triton: what they change
     is the lowering, which a CPU compile shares): one row and batches, rows joining and leaving."""
-    monkeypatch.setattr(compiled_step, "COMPILE_OPTIONS", {**compiled_step.COMPILE_OPTIONS})
-    compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
+    monkeypatch.setattr(
+        compiled_step, "COMPILE_OPTIONS", {**compiled_step.COMPILE_OPTIONS, **compiled_step.FUSED_ROTARY_OPTIONS}
+    )
     loaded = load_model(str(tiny_model_dir), device="cpu")
     prompts = [engine.prompts.build(request) for request in REQUESTS]
     references = [Reference(loaded, prompt) for prompt in prompts]
