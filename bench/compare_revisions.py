@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, side, results, extra in ((current, ROOT, after, added), (base_label, tree, before, [])):
                 print(f"# round {round_number}/{args.rounds}: {label} ...", file=sys.stderr, flush=True)
                 printed = run_side(side, [*args.command, *extra], args.fresh_compile_cache)
+                print(printed, file=sys.stderr, flush=True)  # each run's own tables (copy bandwidth, bound) in the log
                 if results is after and args.keep_after and args.output:
                     for name, section in own_sections(printed).items():
                         write_section(args.output, section, name)

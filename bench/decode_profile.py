@@ -303,12 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         help="then profile and time the steps again compiled with compiled_step.FUSED_ROTARY_OPTIONS (the "
         "rotary embedding in one kernel with its concatenation and the key cache write): a before/after in one process",
     )
+    parser.add_argument(
+        "--profiled-tuning",
+        action="store_true",
+        help="every step here (served and experiments) tuned by each candidate kernel's profiled time "
+        "(compiled_step.PROFILED_TUNING): the tuning column then shows what the profiler measured",
+    )
     parser.add_argument("--timed-steps", type=int, default=50, help="steps in each run of the step timings")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default=SECTION, help="name of the section in the output file")
     args = parser.parse_args(argv)
 
+    compiled_step.PROFILED_TUNING = args.profiled_tuning  # read when the runner compiles its step, below
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = build_model(tiny=args.architecture == "tiny", device=device, dtype=dtype)

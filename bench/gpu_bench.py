@@ -98,6 +98,10 @@ def describe_decode(runner) -> str:
     else:
         how += ", queries-keys-values in one matrix multiply"
         how += "" if fused == layers else f" in {fused} of {layers} layers"
+    tuning = runner.compiled.profiled_tuning if runner.compiled is not None else None
+    if tuning is not None:  # the experiment: what the profiler timed, and whether it gave up
+        how += f", tuned by profiled kernel time ({tuning.timed} candidate launches"
+        how += "; the profiler failed, events timed the rest: see log)" if tuning.failed else ")"
     if runner.graphs is None:
         return f"{how}, no CUDA graphs"
     if path["cuda_graphs"]:
@@ -197,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         help="compile with compiled_step.FUSED_ROTARY_OPTIONS: a one-row step's rotary embedding in fewer kernels "
         "(an experiment)",
     )
+    parser.add_argument(
+        "--profiled-tuning",
+        action="store_true",
+        help="coordinate descent times each candidate launch by its kernel's device time (the profiler) "
+        "instead of events around the launch (an experiment: glm4v_bento/engine/profiled_tuning.py)",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
     args = parser.parse_args(argv)
@@ -211,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             parser.error(f"--compile-option {option!r}: expected NAME=JSON, e.g. triton.enable_pdl=true")
     compiled_step.STORE_MLP_ACTIVATION = args.store_mlp_activation  # read when a layer is compiled
+    compiled_step.PROFILED_TUNING = args.profiled_tuning  # read when the step is compiled
     if args.fuse_rotary:  # shown among the options in the report
         compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

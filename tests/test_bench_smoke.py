@@ -58,6 +58,15 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
     assert "| 1, steps overlapped (GLM4V_OVERLAP_STEPS=true) |" in table and "each waited for." in table
 
 
+def test_gpu_bench_compiles_with_tuning_timed_by_the_profiler(capsys):
+    """The profiled-tuning experiment's switch; a CPU compiles no Triton kernels, so none are timed."""
+    bench = load_bench("gpu_bench")
+    assert bench.main(["--tiny", "--compile", "--profiled-tuning", "--concurrency", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "decode steps compiled (torch.compile)" in table
+    assert "tuned by profiled kernel time (0 candidate launches)" in table and "| 2 |" in table
+
+
 def test_gpu_bench_real_architecture_matches_the_published_size():
     import torch
 
@@ -121,7 +130,7 @@ def test_compare_revisions_marks_rows_the_older_script_does_not_measure(tmp_path
     assert "| 8 |" not in output.read_text()  # only what the newer side measured is compared
 
 
-def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_each_run(tmp_path, monkeypatch):
+def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_each_run(tmp_path, monkeypatch, capsys):
     """--setting: both sides run this tree, the flag added on one only; --fresh-compile-cache:
     every run gets an Inductor cache of its own, gone after it. The table gives each side's
     lowest and highest round beside the medians."""
@@ -150,6 +159,8 @@ def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_ea
     assert "| sequences | decode tokens/s: without | decode tokens/s: with --store-mlp-activation |" in text
     # rounds: with 111, without 102, with 113, without 104 -> medians 103 and 112
     assert "| 1 | 103.0 | 112.0 | 1.09 | 102.0-104.0; 111.0-113.0 |" in text
+    logged = capsys.readouterr().err  # each run's own tables too (its bound, its copy bandwidth)
+    assert all(f"| 1 | {rate} |" in logged for rate in (111.0, 102.0, 113.0, 104.0))
 
 
 def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
@@ -178,6 +189,7 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning", "gpu-bench-autotune-reductions"]
     sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
     sections += ["compile-time", "compile-restart", "decode-profile", "decode-profile-long", "gpu-mlp-activation-ab"]
+    sections += ["gpu-profiled-tuning-ab", "decode-profile-profiled-tuning"]
     for section in sections:
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report

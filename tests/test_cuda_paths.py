@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glm4v_bento.engine import Engine, GenerationRequest, SamplingParams, compiled_step
+from glm4v_bento.engine.compiled_step import CompiledStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -88,10 +89,10 @@ def test_overlapped_steps_give_the_answers_of_steps_waited_for(cuda_model):
     assert answers[1] == answers[0]
 
 
-def assert_compiled_with_graphs_answers_as_eager(cuda_model) -> None:
+def assert_compiled_with_graphs_answers_as_eager(cuda_model) -> CompiledStep:
     """One row, then eight rows, compiled on Triton and replayed from graphs: each answer its
     eager one, and the compiled steps still on (a compiled step that disagrees with eager is
-    turned off)."""
+    turned off). -> the compiled step."""
     expected = eager_answers(cuda_model)
     engine = Engine(cuda_model, cuda_graphs=True, compile_decode=True)
     try:
@@ -102,6 +103,7 @@ def assert_compiled_with_graphs_answers_as_eager(cuda_model) -> None:
         engine.close()
     assert path["compiled"] and path["cuda_graphs"]
     assert [first, *batch] == [expected[0], *expected]
+    return engine.runner.compiled
 
 
 def test_the_mlp_activation_stored_gives_the_eager_answers(cuda_model, monkeypatch):
@@ -116,6 +118,19 @@ def test_the_rotary_embedding_fused_gives_the_eager_answers(cuda_model, monkeypa
         compiled_step, "COMPILE_OPTIONS", {**compiled_step.COMPILE_OPTIONS, **compiled_step.FUSED_ROTARY_OPTIONS}
     )
     assert_compiled_with_graphs_answers_as_eager(cuda_model)
+
+
+def test_tuning_timed_by_the_profiler_tunes_and_gives_the_eager_answers(cuda_model, monkeypatch):
+    """The experiment (compiled_step.PROFILED_TUNING). With caches of its own: kernels this process
+    compiled and tuned before would not be tuned again."""
+    from torch._inductor.utils import fresh_cache
+
+    monkeypatch.setattr(compiled_step, "PROFILED_TUNING", True)
+    with fresh_cache():
+        compiled = assert_compiled_with_graphs_answers_as_eager(cuda_model)
+    assert compiled.profiled_tuning is not None
+    assert not compiled.profiled_tuning.failed, "the profiler failed (see the log)"
+    assert compiled.profiled_tuning.timed > 0
 
 
 def test_pixels_are_pinned_for_a_cuda_model_and_answer_as_unpinned(cuda_model):

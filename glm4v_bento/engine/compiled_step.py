@@ -27,6 +27,7 @@ compilation off for the process (with a warning) and decoding goes on eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from torch._dynamo.utils import counters
 
 from glm4v_bento.engine.decode_graphs import Forward, same_logits
 from glm4v_bento.engine.kv_cache import LayerCache
+from glm4v_bento.engine.profiled_tuning import ProfiledTuning
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ LayerStep = Callable[..., tuple[torch.Tensor, ...]]
 # its SiLUs again. On an H200 that reduction read its weights at 2.3 TB/s, against 3.2-4.1 TB/s
 # for the layer's other projections (docs/benchmarks.md). bench/inductor_kernels.py shows the
 # kernels Inductor writes for a GPU either way, on any machine. Off still: on an H200 its gain was
-# smaller than the spread between two compilations of the same step (2026-11-27, docs/benchmarks.md).
+# smaller than the spread between two compilations of the same step, and with the rotary fused too
+# there was none over four runs against four (2026-11-27, docs/benchmarks.md).
 STORE_MLP_ACTIVATION = False
 
 
@@ -127,15 +130,24 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 # inlining it, the queries take one kernel and the keys' rotation runs inside the cache write
 # (torch 2.11 and 2.14 alike). Batches' layers are written the same either way: their projection
 # is a library GEMM, after which Inductor already fuses so. On an H200 the six small kernels took
-# about 8 µs a layer (docs/benchmarks.md); what fusing them saves is the GPU's to measure.
+# about 8 µs a layer; with the MLP activation stored too, one stream was no faster over four runs
+# against four (2026-11-27, docs/benchmarks.md).
 # bench/inductor_kernels.py lists the kernels either way, on any machine.
 FUSED_ROTARY_OPTIONS = {"force_pointwise_cat": True, "realize_reads_threshold": 16}
+
+# An experiment, off unless set (gpu_bench's and decode_profile's --profiled-tuning): coordinate
+# descent times each candidate launch by its kernel's device time, not by events around a launch
+# whose host work outlasts a one-row kernel (profiled_tuning.py).
+PROFILED_TUNING = False
 
 
 class CompiledStep:
     def __init__(self, forward: PartedForward, parts: DecodeParts) -> None:
         self.eager: Forward = lambda rows, columns: forward(rows, columns, parts)
         self.options = dict(COMPILE_OPTIONS)  # as they are now: torch.compile takes them at once
+        # Tuning runs inside a compiled call, at each new kernel's first launch.
+        self.profiled_tuning = ProfiledTuning() if PROFILED_TUNING else None
+        tuning = self.profiled_tuning.active if self.profiled_tuning else contextlib.nullcontext
         compiled_parts = DecodeParts(
             begin=torch.compile(parts.begin, dynamic=True, options=self.options),
             layer=torch.compile(parts.layer, dynamic=True, options=self.options),
@@ -143,7 +155,7 @@ class CompiledStep:
         )
 
         def compiled(rows: int, columns: int) -> torch.Tensor:
-            with fx_config.patch(use_duck_shape=False):  # read when torch.compile traces
+            with fx_config.patch(use_duck_shape=False), tuning():  # read when torch.compile traces
                 return forward(rows, columns, compiled_parts)
 
         self.compiled: Forward = compiled

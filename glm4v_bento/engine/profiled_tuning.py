@@ -1,0 +1,71 @@
+"""Coordinate-descent tuning timed by each candidate kernel's own device time (an experiment, off
+unless compiled_step.PROFILED_TUNING is set: gpu_bench's and decode_profile's --profiled-tuning).
+
+Inductor tunes a kernel's launch sizes by timing each candidate between two CUDA events around its
+launch. For the one-row step's small kernels, the host's work in that launch (cloning arguments,
+Python) outlasts the kernel itself: on an H200 (docs/benchmarks.md, 2026-11-27) the tuner measured
+21-37 µs for projections that took 9-13 µs a call in the step, and 20-116 µs for 3 µs norms. The
+candidates then differ by less than the noise, and the launch it keeps is close to a draw. The same
+kernel in three compilations took 10.1, 11.3 and 13.5 µs a call, and the down projection 33.2-38.2:
+a spread of about 0.4 ms a step, 7% of it.
+
+With this on, Inductor times each candidate with the profiler instead (its own
+``do_bench_using_profiling``: the kernels' device time, without the host's), over a shorter
+window than its default, so that tuning takes seconds more, not minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+logger = logging.getLogger(__name__)
+
+# The profiler's window per candidate, in ms (Inductor's own: 10 warm-up, 40 timed). A 10 µs
+# kernel still runs about 500 times in it.
+WARMUP_MS = 5
+TIMED_MS = 10
+
+
+class ProfiledTuning:
+    """Counts what it timed, and whether the profiler failed once (then events time the rest)."""
+
+    def __init__(self) -> None:
+        self.timed = 0
+        self.failed = False
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """While inside, Inductor's autotuner times candidates with the profiler."""
+        from torch._inductor import utils
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+        from torch.autograd import profiler as autograd_profiler
+
+        event_timed_bench = CachingAutotuner.bench
+        by_profiler = utils.do_bench_using_profiling
+        tuning = self
+
+        def bench(autotuner: Any, launcher: Any, *args: Any, with_profiler: bool = False, **kwargs: Any) -> float:
+            if tuning.failed or autograd_profiler._is_profiler_enabled:  # Inductor won't nest profilers
+                return event_timed_bench(autotuner, launcher, *args, **kwargs)
+            try:
+                result = event_timed_bench(autotuner, launcher, *args, with_profiler=True, **kwargs)
+            except RuntimeError:  # no profiler events (CUPTI missing) or events it could not group
+                logger.warning("timing a kernel with the profiler failed; tuning goes on with events", exc_info=True)
+                tuning.failed = True
+                return event_timed_bench(autotuner, launcher, *args, **kwargs)
+            tuning.timed += 1
+            return result
+
+        def shorter(fn: Any, warmup: int = WARMUP_MS, rep: int = TIMED_MS, **kwargs: Any) -> float:
+            return by_profiler(fn, warmup=min(warmup, WARMUP_MS), rep=min(rep, TIMED_MS), **kwargs)
+
+        # bench imports do_bench_using_profiling when it runs, so patching the module's name reaches it
+        with (
+            mock.patch.object(CachingAutotuner, "bench", bench),
+            mock.patch.object(utils, "do_bench_using_profiling", shorter),
+        ):
+            yield
