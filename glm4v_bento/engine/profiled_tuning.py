@@ -6,8 +6,9 @@ launch. For the one-row step's small kernels, the host's work in that launch (cl
 Python) outlasts the kernel itself: on an H200 (docs/benchmarks.md, 2026-11-27) the tuner measured
 21-37 µs for projections that took 9-13 µs a call in the step, and 20-116 µs for 3 µs norms. The
 candidates then differ by less than the noise, and the launch it keeps is close to a draw. The same
-kernel in three compilations took 10.1, 11.3 and 13.5 µs a call, and the down projection 33.2-38.2:
-a spread of about 0.4 ms a step, 7% of it.
+kernel in three compilations took 10.1, 11.3 and 13.5 µs a call, and the down projection 33.2-38.2.
+The fastest of the three for each of the four projections would take 0.44 ms a step less than the
+served step's launches: 7% of its kernel time.
 
 With this on, Inductor times each candidate with the profiler instead (its own
 ``do_bench_using_profiling``: the kernels' device time, without the host's), over a shorter
@@ -24,8 +25,9 @@ from unittest import mock
 
 logger = logging.getLogger(__name__)
 
-# The profiler's window per candidate, in ms (Inductor's own: 10 warm-up, 40 timed). A 10 µs
-# kernel still runs about 500 times in it.
+# The profiler's window per candidate, in ms (Inductor's own: 10 warm-up, 40 timed). Each run
+# clears the L2 cache first (256 MB written), so a one-row kernel still runs about a hundred
+# times in it.
 WARMUP_MS = 5
 TIMED_MS = 10
 
