@@ -17,6 +17,9 @@
 #                   mlp-ab: the events' host overhead swamps one-row kernels of 3-13 µs (gpu-profiled-tuning-ab)
 #   profile-tuned   the profile with every step tuned so: each kernel's time per call beside what the profiler
 #                   measured for it while tuning (decode-profile-profiled-tuning)
+#   tuning-wide-ab  both sides tuned by profiled time, one also searching wider (all directions, radius 2): once
+#                   the timings are right, a wider search may find launches a one-step descent misses
+#                   (gpu-profiled-wide-tuning-ab)
 #   both-ab         one stream as served and with both experiments below (the MLP activation stored, the rotary
 #                   embedding fused), alternately, as mlp-ab: their sum is likelier than either alone to stand out of
 #                   the spread between compilations in few runs (gpu-experiments-ab)
@@ -89,12 +92,13 @@ step() {  # run one step, logged; a failure is noted and the session goes on
   fi
 }
 ab() {  # one A/B step: one stream without and with the setting $2, alternately, each run compiling afresh -> section $3
+  # (any further arguments go to both sides)
   step "$1" "$PYTHON" bench/compare_revisions.py --setting="$2" --fresh-compile-cache --rounds "$ab_rounds" \
-    --section "$3" --output "$report" -- bench/gpu_bench.py --concurrency --decode-tokens 128 "${extra[@]}"
+    --section "$3" --output "$report" -- bench/gpu_bench.py --concurrency --decode-tokens 128 "${extra[@]}" "${@:4}"
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served tuning-ab profile-tuned profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
-else default_steps="gpu-tests served tuning-ab profile-tuned profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served tuning-ab profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served tuning-ab profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -146,6 +150,8 @@ for name in $STEPS; do
       --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
     tuning-ab) ab "$name" --profiled-tuning gpu-profiled-tuning-ab ;;
+    tuning-wide-ab) ab "$name" "--compile-option coordinate_descent_check_all_directions=true \
+--compile-option coordinate_descent_search_radius=2" gpu-profiled-wide-tuning-ab --profiled-tuning ;;
     profile-tuned) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --profiled-tuning \
       --section decode-profile-profiled-tuning --output "$report" ;;
     mlp-ab) ab "$name" --store-mlp-activation gpu-mlp-activation-ab ;;
@@ -153,7 +159,7 @@ for name in $STEPS; do
     rotary-ab) ab "$name" --fuse-rotary gpu-rotary-ab ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served tuning-ab profile-tuned profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served tuning-ab profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

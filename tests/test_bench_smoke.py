@@ -189,7 +189,7 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
     sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning", "gpu-bench-autotune-reductions"]
     sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
     sections += ["compile-time", "compile-restart", "decode-profile", "decode-profile-long", "gpu-mlp-activation-ab"]
-    sections += ["gpu-profiled-tuning-ab", "decode-profile-profiled-tuning"]
+    sections += ["gpu-profiled-tuning-ab", "decode-profile-profiled-tuning", "gpu-profiled-wide-tuning-ab"]
     for section in sections:
         assert f"<!-- {section}:start -->" in report
     assert "| 2 |" in report
