@@ -101,7 +101,7 @@ def describe_decode(runner) -> str:
     tuning = runner.compiled.profiled_tuning if runner.compiled is not None else None
     if tuning is not None:  # the experiment: what the profiler timed, and whether it gave up
         how += f", tuned by profiled kernel time ({tuning.timed} candidate launches"
-        how += "; the profiler failed, events timed the rest: see log)" if tuning.failed else ")"
+        how += f"; {tuning.fell_back} timed by events where the profiler failed: see log)" if tuning.fell_back else ")"
     if runner.graphs is None:
         return f"{how}, no CUDA graphs"
     if path["cuda_graphs"]:

@@ -129,7 +129,7 @@ def test_tuning_timed_by_the_profiler_tunes_and_gives_the_eager_answers(cuda_mod
     with fresh_cache():
         compiled = assert_compiled_with_graphs_answers_as_eager(cuda_model)
     assert compiled.profiled_tuning is not None
-    assert not compiled.profiled_tuning.failed, "the profiler failed (see the log)"
+    assert compiled.profiled_tuning.fell_back == 0, "the profiler failed (see the log)"
     assert compiled.profiled_tuning.timed > 0
 
 

@@ -19,17 +19,20 @@ from glm4v_bento.engine.profiled_tuning import TIMED_MS, WARMUP_MS, ProfiledTuni
 
 
 class RecordedBench:
-    """Stands in for Inductor's CachingAutotuner.bench: what it was asked, and a timing per way."""
+    """Stands in for Inductor's CachingAutotuner.bench: what it was asked, and a timing per way.
+    ``profiler``: what the profiler's way does (a timing in ms, or an exception to raise)."""
 
-    def __init__(self, profiler_fails: bool = False) -> None:
+    def __init__(self, profiler: float | Exception = 0.010) -> None:
         self.calls: list[bool] = []  # with_profiler, per call
-        self.profiler_fails = profiler_fails
+        self.profiler = profiler
 
     def __call__(self, autotuner, launcher, *args, with_profiler: bool = False, **kwargs) -> float:
         self.calls.append(with_profiler)
-        if with_profiler and self.profiler_fails:
-            raise RuntimeError("Failed to divide all profiling events into #repeat groups")
-        return 0.010 if with_profiler else 0.030
+        if not with_profiler:
+            return 0.030
+        if isinstance(self.profiler, Exception):
+            raise self.profiler
+        return self.profiler
 
 
 @pytest.fixture
@@ -46,7 +49,7 @@ def test_inside_candidates_are_timed_by_the_profiler_and_outside_as_before(recor
         assert CachingAutotuner.bench(object(), "launcher") == 0.010
     assert CachingAutotuner.bench(object(), "launcher") == 0.030
     assert recorded.calls == [True, True, False]
-    assert tuning.timed == 2 and not tuning.failed
+    assert tuning.timed == 2 and tuning.fell_back == 0
 
 
 def test_the_profilers_window_is_shortened_and_given_back(monkeypatch):
@@ -58,17 +61,26 @@ def test_the_profilers_window_is_shortened_and_given_back(monkeypatch):
     assert windows == [(WARMUP_MS, TIMED_MS), (10, 40)]
 
 
-def test_a_profiler_that_fails_hands_the_tuning_back_to_events(monkeypatch, caplog):
-    recorded = RecordedBench(profiler_fails=True)
+@pytest.mark.parametrize(
+    "profiler",
+    [
+        RuntimeError("Failed to divide all profiling events into #repeat groups"),
+        ValueError("a launch that cannot run"),  # events score it as Inductor always has
+        0.0,  # no kernel events at all (no CUPTI)
+    ],
+    ids=["profiler error", "launch error", "no events"],
+)
+def test_a_candidate_the_profiler_cannot_time_is_timed_by_events(monkeypatch, caplog, profiler):
+    recorded = RecordedBench(profiler)
     monkeypatch.setattr(CachingAutotuner, "bench", recorded)
     tuning = ProfiledTuning()
     with caplog.at_level(logging.WARNING), tuning.active():
         first = CachingAutotuner.bench(object(), "launcher")
         second = CachingAutotuner.bench(object(), "launcher")
     assert (first, second) == (0.030, 0.030)  # each candidate still gets a timing
-    assert recorded.calls == [True, False, False]  # the profiler is not tried again
-    assert tuning.failed and tuning.timed == 0
-    assert "tuning goes on with events" in caplog.text
+    assert recorded.calls == [True, False, True, False]
+    assert tuning.fell_back == 2 and tuning.timed == 0
+    assert caplog.text.count("events time it instead") == 1  # said once, not per candidate
 
 
 def test_a_running_profiler_is_not_nested(recorded):

@@ -12,7 +12,8 @@ served step's launches: 7% of its kernel time.
 
 With this on, Inductor times each candidate with the profiler instead (its own
 ``do_bench_using_profiling``: the kernels' device time, without the host's), over a shorter
-window than its default, so that tuning takes seconds more, not minutes.
+window than its default, so that tuning takes seconds more, not minutes. A candidate the profiler
+cannot time is timed as before, with events (a warning says so once).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ TIMED_MS = 10
 
 
 class ProfiledTuning:
-    """Counts what it timed, and whether the profiler failed once (then events time the rest)."""
+    """Counts the candidates the profiler timed, and those events timed after it failed."""
 
     def __init__(self) -> None:
         self.timed = 0
-        self.failed = False
+        self.fell_back = 0
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -51,16 +52,23 @@ class ProfiledTuning:
         tuning = self
 
         def bench(autotuner: Any, launcher: Any, *args: Any, with_profiler: bool = False, **kwargs: Any) -> float:
-            if tuning.failed or autograd_profiler._is_profiler_enabled:  # Inductor won't nest profilers
+            if autograd_profiler._is_profiler_enabled:  # a profiler runs already, and profilers don't nest
                 return event_timed_bench(autotuner, launcher, *args, **kwargs)
             try:
                 result = event_timed_bench(autotuner, launcher, *args, with_profiler=True, **kwargs)
-            except RuntimeError:  # no profiler events (CUPTI missing) or events it could not group
-                logger.warning("timing a kernel with the profiler failed; tuning goes on with events", exc_info=True)
-                tuning.failed = True
-                return event_timed_bench(autotuner, launcher, *args, **kwargs)
-            tuning.timed += 1
-            return result
+                failure = None if result > 0 else "the profiler recorded no kernel"  # no CUPTI: no events
+            except Exception as error:  # the profiler's own, or a launch the events would score as invalid
+                failure = repr(error)
+            if failure is None:
+                tuning.timed += 1
+                return result
+            if not tuning.fell_back:
+                logger.warning(
+                    "timing a candidate kernel with the profiler failed (%s); events time it instead", failure
+                )
+            tuning.fell_back += 1
+            # Inductor's own timing, which scores a launch that cannot run as infinitely slow
+            return event_timed_bench(autotuner, launcher, *args, **kwargs)
 
         def shorter(fn: Any, warmup: int = WARMUP_MS, rep: int = TIMED_MS, **kwargs: Any) -> float:
             return by_profiler(fn, warmup=min(warmup, WARMUP_MS), rep=min(rep, TIMED_MS), **kwargs)
