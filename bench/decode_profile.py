@@ -15,11 +15,11 @@ The gaps between the three say where a single stream's time goes besides the ker
 launch gaps inside the graph (what fewer kernels or programmatic dependent launch would cut)
 and the wait for each token (what overlapping the host's work with the next step would hide).
 On a GPU each listed kernel also shows its launch sizes (grid and block), its time per call, and
-what coordinate-descent tuning measured for it alone. The same kernel source, in two variants
-profiled in one process, ran at 22 and 9 µs a call on an H200; within a process Inductor reuses
-a kernel whose source it has compiled before, tuning and all (its in-memory cache of compiled
-kernels is keyed by the source), so that was most likely one launch at two speeds. These
-columns tell that apart from two tunings, and a tuning that measured something the step does not see.
+what coordinate-descent tuning measured for it alone. On an H200 they showed the variants
+profiled in one process tuning their projections apart (Inductor reuses a tuned kernel only for
+the very same source, metadata included), to different launches and speeds, and the tuner timing
+one-row projections and norms at 2-35x their time in the step: the host's launch work, not the kernel
+(docs/benchmarks.md, 2026-11-27; the --profiled-tuning experiment).
 
     python bench/decode_profile.py --architecture glm4.1v-9b --device cuda --output bench/results/benchmarks.md
     python bench/decode_profile.py --architecture tiny             # CPU operators instead of kernels
@@ -103,9 +103,9 @@ def launch_sizes(trace: dict) -> dict[str, str]:
 class TunerTimings(logging.Handler):
     """What coordinate-descent tuning measured for each kernel it tuned, in µs per call: the launch
     sizes it kept, and the first it tried (Inductor times each alone, the L2 cache flushed before
-    each run). Set beside the profile's own time per call, it says whether the step ran a kernel
-    as fast as its tuning saw it: on an H200 one kernel ran at 9 and 22 µs a call in two variants
-    profiled in one process. Read from the tuner's debug log, which names the kernel as the profiler does."""
+    each run). Set beside the profile's own time per call, it says whether the tuning saw the
+    kernel as the step runs it: on an H200 it measured 21-37 µs for projections that ran at
+    9-13.5 µs a call. Read from the tuner's debug log, which names the kernel as the profiler does."""
 
     LOGGER = "torch._inductor.runtime.coordinate_descent_tuner"
 

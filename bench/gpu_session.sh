@@ -114,6 +114,8 @@ else
   ab_rounds=${AB_ROUNDS:-2}
 fi
 short=(--concurrency 8 32 --decode-tokens 64)  # GPU_BENCH_ARGS, after these, may override them
+# coordinate descent searching further for each kernel's launch sizes (wider-tuning, tuning-wide-ab)
+wide_search=(--compile-option coordinate_descent_check_all_directions=true --compile-option coordinate_descent_search_radius=2)
 for name in $STEPS; do
   case $name in
     gpu-tests) step "$name" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py ;;
@@ -146,12 +148,10 @@ for name in $STEPS; do
     autotune-reductions) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --compile-option max_autotune_pointwise=true --section gpu-bench-autotune-reductions --output "$report" ;;
     wider-tuning) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
-      --compile-option coordinate_descent_check_all_directions=true --compile-option coordinate_descent_search_radius=2 \
-      --section gpu-bench-wider-tuning --output "$report" ;;
+      "${wide_search[@]}" --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
     tuning-ab) ab "$name" --profiled-tuning gpu-profiled-tuning-ab ;;
-    tuning-wide-ab) ab "$name" "--compile-option coordinate_descent_check_all_directions=true \
---compile-option coordinate_descent_search_radius=2" gpu-profiled-wide-tuning-ab --profiled-tuning ;;
+    tuning-wide-ab) ab "$name" "${wide_search[*]}" gpu-profiled-wide-tuning-ab --profiled-tuning ;;
     profile-tuned) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --profiled-tuning \
       --section decode-profile-profiled-tuning --output "$report" ;;
     mlp-ab) ab "$name" --store-mlp-activation gpu-mlp-activation-ab ;;
