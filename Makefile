@@ -24,7 +24,7 @@ help:
 	@echo "make bench      engine, scheduler, service, decode-step, upload, prefill-chunk, image-arrival, step-overhead and compile-time benchmarks on the tiny model -> docs/benchmarks.md"
 	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
 	@echo "make gpu-bench  on a CUDA host: the real architecture, random bf16 weights -> docs/benchmarks.md"
-	@echo "make gpu-compare  on a CUDA host: GPU-only tests, the served engine (and one stream with each step waited for), tuning timed by the profiler (an A/B, a profile, and with a wider search), a kernel profile, the MLP activation stored and the rotary embedding fused (together and each alone, A/Bs over fresh compilations), PDL, combo kernels, one-row GEMMs, unfused q/k/v, a long-context profile, wider tuning, before vs now, compile time, prefill chunks, eager, no compile"
+	@echo "make gpu-compare  on a CUDA host: GPU-only tests, the served engine (and one stream with each step waited for), tuning timed by the profiler (an A/B, a profile, and with a wider search), split-KV attention (an A/B, a profile at an image's context), a kernel profile, the MLP activation stored and the rotary embedding fused (together and each alone, A/Bs over fresh compilations), PDL, combo kernels, one-row GEMMs, unfused q/k/v, a long-context profile, wider tuning, before vs now, compile time, prefill chunks, eager, no compile"
 	@echo "make kernels    any machine: the Triton kernels Inductor writes for one decoder layer of a single stream on a GPU -> docs/benchmarks.md"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"

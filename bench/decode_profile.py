@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from unittest import mock
@@ -265,13 +265,13 @@ def rotary_fused(runner: ModelRunner) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def flex_decoding() -> Iterator[None]:
-    """The next step compiles again, through FlexAttention."""
-    decode_attention.use_flex_decoding(True)
+def switched_on(switch: Callable[[bool], None]) -> Iterator[None]:
+    """An attention experiment on while the block runs (the next step compiles again with it), then off."""
+    switch(True)
     try:
         yield
     finally:
-        decode_attention.use_flex_decoding(False)
+        switch(False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         "--flex",
         action="store_true",
         help="then profile the steps again with FlexAttention (the experiment in decode_attention.py)",
+    )
+    parser.add_argument(
+        "--split-attention",
+        action="store_true",
+        help="then profile and time the steps again attending with the split-KV kernels (the experiment in "
+        "split_attention.py): a before/after in one process",
     )
     parser.add_argument(
         "--store-mlp-activation",
@@ -376,8 +382,10 @@ def main(argv: list[str] | None = None) -> int:
          "Decode step, MLP activation stored", True, mock.patch.object(compiled_step, "STORE_MLP_ACTIVATION", True)),
         (args.fuse_rotary, "Compiled with the rotary embedding fused into fewer kernels (`FUSED_ROTARY_OPTIONS`):",
          "Decode step, rotary embedding fused", True, rotary_fused(runner)),
+        (args.split_attention, "With the split-KV kernels for the compiled steps' attention:",
+         "Decode step, split-KV attention", True, switched_on(decode_attention.use_split_attention)),
         (args.flex, "With FlexAttention for the compiled steps' attention:",
-         "Decode step, FlexAttention", False, flex_decoding()),
+         "Decode step, FlexAttention", False, switched_on(decode_attention.use_flex_decoding)),
     ]  # fmt: skip
     for asked, intro, title, timings, setting in experiments:
         if asked:

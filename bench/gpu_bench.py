@@ -32,7 +32,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import cpu_name, publish
 
-from glm4v_bento.engine import Engine, GenerationRequest, LoadedModel, SamplingParams, SchedulerLimits, compiled_step
+from glm4v_bento.engine import (
+    Engine,
+    GenerationRequest,
+    LoadedModel,
+    SamplingParams,
+    SchedulerLimits,
+    compiled_step,
+    decode_attention,
+)
 from glm4v_bento.tiny import EOS_TOKENS, build_config, build_processor, build_tokenizer
 
 # GLM-4.1V-9B-Thinking's published configuration (shared/design.md).
@@ -98,6 +106,9 @@ def describe_decode(runner) -> str:
     else:
         how += ", queries-keys-values in one matrix multiply"
         how += "" if fused == layers else f" in {fused} of {layers} layers"
+    split = decode_attention.split_attention_enabled() and runner.device.type in decode_attention.SPLIT_DEVICES
+    if path["compiled"] and split:  # the experiment: only compiled steps take it
+        how += ", attention by the split-KV kernels"
     tuning = runner.compiled.profiled_tuning if runner.compiled is not None else None
     if tuning is not None:  # the experiment: what the profiler timed, and whether it gave up
         how += f", tuned by profiled kernel time ({tuning.timed} candidate launches"
@@ -207,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         help="coordinate descent times each candidate launch by its kernel's device time (the profiler) "
         "instead of events around the launch (an experiment: glm4v_bento/engine/profiled_tuning.py)",
     )
+    parser.add_argument(
+        "--split-attention",
+        action="store_true",
+        help="compiled steps on a GPU attend with the split-KV kernels, the cache's columns spread over the "
+        "multiprocessors (an experiment: glm4v_bento/engine/split_attention.py)",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
     args = parser.parse_args(argv)
@@ -222,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--compile-option {option!r}: expected NAME=JSON, e.g. triton.enable_pdl=true")
     compiled_step.STORE_MLP_ACTIVATION = args.store_mlp_activation  # read when a layer is compiled
     compiled_step.PROFILED_TUNING = args.profiled_tuning  # read when the step is compiled
+    decode_attention.use_split_attention(args.split_attention)  # read when the step is traced
     if args.fuse_rotary:  # shown among the options in the report
         compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

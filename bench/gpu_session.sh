@@ -15,6 +15,11 @@
 #   tuning-ab       one stream as served and with coordinate descent timing each candidate launch by its kernel's
 #                   profiled device time instead of events around the launch (--profiled-tuning), alternately, as
 #                   mlp-ab: the events' host overhead swamps one-row kernels of 3-13 µs (gpu-profiled-tuning-ab)
+#   split-ab        one stream as served and with the split-KV attention kernels (--split-attention), alternately, as
+#                   mlp-ab: SDPA's one-row attention runs on 2 multiprocessors, 33 µs a layer after the 1024x1024
+#                   image; its rows "after the image" are where the kernels should show (gpu-split-attention-ab)
+#   profile-split   the profile after the image's length of context (1400 words), as served and with the split-KV
+#                   kernels, in one process: attention's kernels and time per step either way (decode-profile-split)
 #   profile-tuned   the profile with every step tuned so: each kernel's time per call beside what the profiler
 #                   measured for it while tuning (decode-profile-profiled-tuning)
 #   tuning-wide-ab  both sides tuned by profiled time, one also searching wider (all directions, radius 2): once
@@ -32,7 +37,7 @@
 #   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
 #                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
 #   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length, and
-#                   the step's kernels with the FlexAttention experiment
+#                   the step's kernels with the FlexAttention experiment and with the split-KV kernels
 #   wider-tuning    as served but coordinate descent searches further (all directions, radius 2) for each kernel's
 #                   launch sizes: the q/k/v and output reductions read at 3.2-3.4 TB/s (gpu-bench-wider-tuning)
 #   autotune-reductions  as served but Inductor benchmarks every candidate launch size of each reduction before its
@@ -97,20 +102,22 @@ ab() {  # one A/B step: one stream without and with the setting $2, alternately,
     --section "$3" --output "$report" -- bench/gpu_bench.py --concurrency --decode-tokens 128 "${extra[@]}" "${@:4}"
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served tuning-ab profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
-else default_steps="gpu-tests served tuning-ab profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
   compile_model=(--architecture tiny --device cpu --layers 2 --long-prompt-words 60)
   profile_model=(--architecture tiny --device cpu --steps 3)
   long_words=100
+  image_words=60
   ab_rounds=1
 else
   chunk_model=(--architecture glm4.1v-9b --device cuda)
   compile_model=(--architecture glm4.1v-9b --device cuda)
   profile_model=(--architecture glm4.1v-9b --device cuda)
   long_words=3000
+  image_words=1400  # about the context after the 1024x1024 image (1,400-odd tokens)
   ab_rounds=${AB_ROUNDS:-2}
 fi
 short=(--concurrency 8 32 --decode-tokens 64)  # GPU_BENCH_ARGS, after these, may override them
@@ -130,7 +137,7 @@ for name in $STEPS; do
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
     profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --store-mlp-activation \
       --fuse-rotary --output "$report" ;;
-    profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex \
+    profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex --split-attention \
       --prompt-words "$long_words" --section decode-profile-long --output "$report" ;;
     eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \
       --section gpu-bench-eager --output "$report" ;;
@@ -151,6 +158,9 @@ for name in $STEPS; do
       "${wide_search[@]}" --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
     tuning-ab) ab "$name" --profiled-tuning gpu-profiled-tuning-ab ;;
+    split-ab) ab "$name" --split-attention gpu-split-attention-ab ;;
+    profile-split) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --split-attention \
+      --prompt-words "$image_words" --section decode-profile-split --output "$report" ;;
     tuning-wide-ab) ab "$name" "${wide_search[*]}" gpu-profiled-wide-tuning-ab --profiled-tuning ;;
     profile-tuned) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --profiled-tuning \
       --section decode-profile-profiled-tuning --output "$report" ;;
@@ -159,7 +169,7 @@ for name in $STEPS; do
     rotary-ab) ab "$name" --fuse-rotary gpu-rotary-ab ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served tuning-ab profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

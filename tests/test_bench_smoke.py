@@ -59,12 +59,18 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
 
 
 def test_gpu_bench_compiles_with_tuning_timed_by_the_profiler(capsys):
-    """The profiled-tuning experiment's switch; a CPU compiles no Triton kernels, so none are timed."""
+    """The profiled-tuning and split-attention experiments' switches. A CPU compiles no Triton
+    kernels, so none are timed, and its steps attend with SDPA: the report does not claim otherwise."""
     bench = load_bench("gpu_bench")
-    assert bench.main(["--tiny", "--compile", "--profiled-tuning", "--concurrency", "2"]) == 0
+    try:
+        assert bench.main(["--tiny", "--compile", "--profiled-tuning", "--split-attention", "--concurrency", "2"]) == 0
+    finally:
+        bench.decode_attention.use_split_attention(False)
+        bench.compiled_step.PROFILED_TUNING = False
     table = capsys.readouterr().out
     assert "decode steps compiled (torch.compile)" in table
     assert "tuned by profiled kernel time (0 candidate launches)" in table and "| 2 |" in table
+    assert "split-KV" not in table
 
 
 def test_gpu_bench_real_architecture_matches_the_published_size():
@@ -304,13 +310,13 @@ def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
     bench = load_bench("decode_profile")
     output = tmp_path / "benchmarks.md"
     arguments = ["--steps", "2", "--top", "5", "--timed-steps", "3", "--flex", "--store-mlp-activation"]
-    assert bench.main([*arguments, "--fuse-rotary", "--output", str(output)]) == 0
+    assert bench.main([*arguments, "--fuse-rotary", "--split-attention", "--output", str(output)]) == 0
     text = output.read_text()
     assert "**Decode step**" in text and "**Prefill of one 112x112 image" in text
-    assert "**Decode step, FlexAttention**" in text
+    assert "**Decode step, FlexAttention**" in text and "**Decode step, split-KV attention**" in text
     assert "**Decode step, MLP activation stored**" in text
     assert "**Decode step, rotary embedding fused**" in text
-    assert text.count("**Decode step of 1 row(s) over") == 3  # timed as served, stored, fused
+    assert text.count("**Decode step of 1 row(s) over") == 4  # timed as served, stored, fused, split
     assert "| matrix multiply |" in text and "| attention |" in text
     shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in text.splitlines() if line.endswith("% |")]
     assert shares and all(0 <= share <= 100 for share in shares)

@@ -133,6 +133,35 @@ def test_tuning_timed_by_the_profiler_tunes_and_gives_the_eager_answers(cuda_mod
     assert compiled.profiled_tuning.timed > 0
 
 
+@pytest.mark.parametrize(("rows", "columns"), [(1, 48), (1, 1392), (1, 5008), (3, 304)])
+def test_split_attention_attends_as_sdpa_does_in_bfloat16(rows, columns):
+    """The split-KV kernels (split_attention.py) compiled for this GPU, at GLM-4.1V-9B's heads, in
+    the type it decodes in (the CPU tests run them through Triton's interpreter, without bfloat16)."""
+    from glm4v_bento.engine import decode_attention, split_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(rows, 32, 1, 128, dtype=torch.bfloat16, device="cuda")
+    buffers = torch.randn(2, rows + 1, 2, columns + 40, 128, dtype=torch.bfloat16, device="cuda")
+    key, value = buffers[0, :rows, :, :columns], buffers[1, :rows, :, :columns]  # a step's view of its cache
+    mask = torch.zeros(rows, 1, 1, columns, dtype=torch.bfloat16, device="cuda")
+    mask[0, ..., columns - 13 :] = torch.finfo(torch.bfloat16).min
+    expected, _ = decode_attention.decode_attention(None, query, key, value, mask, scaling=128**-0.5)
+    got = split_attention.split_decode_attention(query, key, value, mask, 128**-0.5)
+    torch.testing.assert_close(got, expected.reshape(rows, 32, 128), atol=2e-2, rtol=2e-2)
+
+
+def test_split_attention_compiled_with_graphs_gives_the_eager_answers(cuda_model):
+    """The experiment (decode_attention.use_split_attention): compiled steps attend with the split
+    kernels, replayed from graphs; the eager step that checks them attends with SDPA."""
+    from glm4v_bento.engine import decode_attention
+
+    decode_attention.use_split_attention(True)
+    try:
+        assert_compiled_with_graphs_answers_as_eager(cuda_model)
+    finally:
+        decode_attention.use_split_attention(False)
+
+
 def test_pixels_are_pinned_for_a_cuda_model_and_answer_as_unpinned(cuda_model):
     """A CUDA model's prompts keep their pixels in page-locked memory (the prefill copies them
     without blocking); an image request answers as it does from ordinary memory."""

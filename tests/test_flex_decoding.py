@@ -43,11 +43,21 @@ def test_a_compiled_step_with_flex_decoding_decodes_what_transformers_does(
     reference = Reference(loaded, prompt)
     traced = []
     flex_decode = attention.flex_decode
-    monkeypatch.setattr(attention, "flex_decode", lambda *args: traced.append(1) or flex_decode(*args))
+
+    @torch.compiler.disable  # noted outside the graph: a list the traced code appended to would
+    def note() -> None:  # be guarded on, and each step would compile again until torch.compile gave up
+        traced.append(1)
+
+    def noted(*args):
+        note()
+        return flex_decode(*args)
+
+    monkeypatch.setattr(attention, "flex_decode", noted)
 
     runner = ModelRunner(loaded, max_rows=2, compile_decode=True)
     runner.use_graphs(eager_replay)  # steps padded to graph buckets: spare columns the mask must hide
     decode_alone(runner, prompt, reference)
+    assert runner.compiled.compilations == 1  # the one-row step, compiled once: every step ran it
 
     assert traced  # compiled through FlexAttention...
     assert runner.compiled.enabled and runner.compiled.checked  # ...which agreed with the eager step

@@ -11,6 +11,12 @@ row, head and block of queries: with the query heads folded as above, one block 
 per (row, KV head), so a single stream's attention runs on two of the GPU's streaming
 multiprocessors whatever the context's length. Inductor's flex-decoding kernel splits the
 columns over all of them. Whether that pays, and from what context length, is for the GPU to say.
+
+A second experiment for the same reason, off unless ``use_split_attention(True)`` (the
+benchmarks' ``--split-attention``): in a step compiled for a GPU, this project's own split-KV
+kernels (split_attention.py), made for exactly this shape: one block of threads per chunk of
+columns, all 16 query heads of a KV head in one matrix multiply. Only compiled steps take either
+experiment, so the eager step that checks each compilation still attends through SDPA.
 """
 
 from __future__ import annotations
@@ -22,17 +28,32 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface
 
+from glm4v_bento.engine.split_attention import split_decode_attention
+
 NAME = "glm4v_bento_decode"
 
-# Devices whose compiled steps take FlexAttention while the experiment is on (tests add "cpu").
+# Devices whose compiled steps take FlexAttention or the split kernels while the experiment is on
+# (tests add "cpu").
 FLEX_DEVICES = {"cuda"}
+SPLIT_DEVICES = {"cuda"}
 _flex_decoding = False
+_split_attention = False
 
 
 def use_flex_decoding(enabled: bool) -> None:
     """Compiled steps on a GPU attend with FlexAttention (they compile again on their next step)."""
     global _flex_decoding
     _flex_decoding = enabled
+
+
+def use_split_attention(enabled: bool) -> None:
+    """Compiled steps on a GPU attend with the split-KV kernels (they compile again on their next step)."""
+    global _split_attention
+    _split_attention = enabled
+
+
+def split_attention_enabled() -> bool:
+    return _split_attention
 
 
 def decode_attention(
@@ -49,6 +70,10 @@ def decode_attention(
     if _flex_decoding and query.device.type in FLEX_DEVICES and torch.compiler.is_compiling():
         output = flex_decode(query, key, value, attention_mask, scaling)
         return output.transpose(1, 2), None
+    if _split_attention and query.device.type in SPLIT_DEVICES and torch.compiler.is_compiling():
+        scale = scaling if scaling is not None else head_dim**-0.5
+        output = split_decode_attention(query, key, value, attention_mask, scale)  # (rows, heads, head_dim)
+        return output.unsqueeze(1), None
     kv_heads = key.shape[1]
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)

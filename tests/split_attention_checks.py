@@ -1,0 +1,133 @@
+"""The split-KV attention experiment for compiled decode steps on a GPU: off by default, and when
+on, the same attention as SDPA's. Its speed is a GPU figure (bench/gpu_bench.py --split-attention).
+
+Its Triton kernels run here through Triton's interpreter, on the CPU. Triton decides at import
+whether it interprets, so these checks run in a process of their own, started with
+TRITON_INTERPRET=1 by tests/test_split_attention.py (the default test run collects only that).
+The interpreter's matrix multiply gets bfloat16 wrong (it has no such type: a 16x16 product was
+off by 1e10 with triton 3.8), so they cover float32 and float16; bfloat16, the GPU's type, is
+tests/test_cuda_paths.py's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_decode_reference import REQUESTS, Reference, decode_alone, eager_replay, join_and_leave
+
+from glm4v_bento.engine import decode_attention as attention
+from glm4v_bento.engine import load_model, split_attention
+from glm4v_bento.engine.runner import ModelRunner
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run by tests/test_split_attention.py, with Triton's interpreter", allow_module_level=True)
+
+
+def sdpa(query, key, value, mask):
+    output, _ = attention.decode_attention(None, query, key, value, mask, scaling=query.shape[-1] ** -0.5)
+    return output.reshape(query.shape[0], query.shape[1], query.shape[-1])
+
+
+def cache_slice(rows, kv_heads, columns, head_dim, dtype):
+    """Keys and values as a step reads them: the first columns of larger buffers (strided views)."""
+    buffers = torch.randn(2, rows + 1, kv_heads, columns + 40, head_dim, dtype=dtype)
+    return buffers[0, :rows, :, :columns], buffers[1, :rows, :, :columns]
+
+
+@pytest.mark.parametrize(
+    ("rows", "heads", "kv_heads", "head_dim", "columns"),
+    [
+        (1, 32, 2, 128, 48),  # GLM-4.1V-9B's heads, fewer columns than one chunk
+        (1, 32, 2, 128, 1392),  # an image prompt's length: 22 chunks of 64
+        (1, 32, 2, 128, 5008),  # longer than 64 chunks of 64: chunks of 96
+        (3, 32, 2, 128, 304),  # batches: fewer splits, rows padded differently
+        (2, 4, 2, 16, 80),  # the tiny model's heads: 2 query heads a KV head, 16 values each
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_attention_attends_as_sdpa_does(rows, heads, kv_heads, head_dim, columns, dtype):
+    torch.manual_seed(0)
+    query = torch.randn(rows, heads, 1, head_dim, dtype=dtype)
+    key, value = cache_slice(rows, kv_heads, columns, head_dim, dtype)
+    mask = torch.zeros(rows, 1, 1, columns, dtype=dtype)
+    lowest = torch.finfo(dtype).min
+    mask[0, ..., columns - 13 :] = lowest  # the step's spare columns past the newest
+    if rows > 1:
+        mask[1, ..., : columns // 3] = lowest  # a shorter row, padded on the left
+    expected = sdpa(query, key, value, mask)
+    got = split_attention.split_decode_attention(query, key, value, mask, head_dim**-0.5)
+    assert got.dtype == dtype and got.shape == (rows, heads, head_dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_split_attention_without_a_mask_attends_to_every_column():
+    torch.manual_seed(1)
+    query = torch.randn(1, 32, 1, 128)
+    key, value = cache_slice(1, 2, 700, 128, torch.float32)
+    got = split_attention.split_decode_attention(query, key, value, None, 128**-0.5)
+    torch.testing.assert_close(got, sdpa(query, key, value, None), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def split_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
+    attention.use_split_attention(True)
+    yield
+    attention.use_split_attention(False)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The running rows of each step whose attention ran the split kernels. Counted where they
+    launch, at run time: a compiled step calls the op without tracing it again."""
+    seen = []
+    kernels = split_attention._kernels
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            seen.append(grid[0] // 2)  # the grid's first axis: rows x the tiny model's 2 KV heads
+            return self.kernel[grid]
+
+    def counted(interpreted):
+        partials, combine = kernels(interpreted)
+        return Counted(partials), combine
+
+    monkeypatch.setattr(split_attention, "_kernels", counted)
+    return seen
+
+
+def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
+    tiny_model_dir, engine, split_on_the_cpu, calls
+):
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    prompts = [engine.prompts.build(request) for request in REQUESTS]
+    references = [Reference(loaded, prompt) for prompt in prompts]
+    runner = ModelRunner(loaded, max_rows=4, compile_decode=True)
+    runner.use_graphs(eager_replay)  # steps padded to graph buckets: spare columns the mask must hide
+
+    # Rows join, leave and are padded on the left; the longest (two images and a history) ends alone.
+    join_and_leave(runner, prompts, references)
+
+    assert runner.compiled.compilations == 2  # one row, batches: nothing here made it compile again
+    assert 1 in calls and any(rows > 1 for rows in calls)  # ran in the one-row and the batch steps...
+    assert runner.compiled.enabled and runner.compiled.checked  # ...which agreed with the eager step
+
+
+def test_split_attention_is_off_unless_asked_and_never_in_the_eager_step(tiny_model_dir, engine, monkeypatch, calls):
+    monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    prompt = engine.prompts.build(REQUESTS[0])
+    decode_alone(ModelRunner(loaded, max_rows=2, compile_decode=True), prompt, Reference(loaded, prompt))
+    assert not calls  # off by default
+
+    attention.use_split_attention(True)
+    try:
+        decode_alone(ModelRunner(loaded, max_rows=2), prompt, Reference(loaded, prompt))
+    finally:
+        attention.use_split_attention(False)
+    assert not calls  # on, but the eager step (which checks each compilation) still attends with SDPA
