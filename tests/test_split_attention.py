@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CHECKS = Path(__file__).with_name("split_attention_checks.py")
 
 
@@ -25,3 +27,46 @@ def test_split_attention_checks_pass_under_tritons_interpreter():
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) == 13 and "skipped" not in summary, summary  # every check ran
+
+
+def compile_for_hopper(kernel, signature: dict[str, str], constants: dict) -> object:
+    """Triton's compiler to a compute-capability-9.0 (H100/H200) binary, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    signature = signature | dict.fromkeys(constants, "constexpr")
+    names = list(signature)
+    constexprs = {(names.index(name),): value for name, value in constants.items()}
+    return compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+
+@pytest.mark.parametrize(
+    ("values", "shape", "precision"),
+    [
+        ("bf16", dict(KV_HEADS=2, GROUP=16, HEAD_DIM=128, DIM_BLOCK=128), "tf32"),  # GLM-4.1V-9B
+        ("fp32", dict(KV_HEADS=2, GROUP=2, HEAD_DIM=16, DIM_BLOCK=16), "ieee"),  # the tiny model
+    ],
+    ids=["glm4.1v-9b-bfloat16", "tiny-float32"],
+)
+def test_split_attention_kernels_compile_for_an_h200(values, shape, precision):
+    """The interpreter runs the kernels' Python, not Triton's compiler: what only a GPU build
+    checks (a matrix multiply's shapes and types, shared memory) is checked here, to a binary."""
+    from glm4v_bento.engine import split_attention
+
+    partials, combine = split_attention._kernels(False)
+    splits = dict(SPLIT_COUNT=split_attention.SPLITS)
+    pointers = dict.fromkeys(["query", "key", "value", "mask"], f"*{values}")
+    partial = dict.fromkeys(["partial_out", "partial_max", "partial_sum"], "*fp32")
+    strides = dict.fromkeys(
+        ["q_row", "q_head", "k_row", "k_head", "k_column", "v_row", "v_head", "v_column", "m_row"], "i32"
+    )
+    first = compile_for_hopper(
+        partials,
+        pointers | partial | {"columns": "i32", "chunk": "i32", "scale": "fp32"} | strides,
+        shape
+        | splits
+        | dict(GROUP_BLOCK=16, BLOCK_N=split_attention.BLOCK_COLUMNS, HAS_MASK=True, PRECISION=precision),
+    )
+    second = compile_for_hopper(combine, partial | {"output": f"*{values}", "used": "i32"}, shape | splits)
+    for kernel in (first, second):
+        assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024  # an H200's shared memory per block

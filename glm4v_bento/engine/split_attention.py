@@ -49,6 +49,7 @@ def _partials(
     partial_max,  # (rows * kv_heads, splits, group) float32: the chunk's largest score
     partial_sum,  # (rows * kv_heads, splits, group) float32: its sum of exp(score - max)
     columns,
+    chunk,  # columns per split (the last split's may be fewer)
     scale,
     q_row,
     q_head,
@@ -65,7 +66,6 @@ def _partials(
     HEAD_DIM: tl.constexpr,
     DIM_BLOCK: tl.constexpr,
     SPLIT_COUNT: tl.constexpr,
-    CHUNK_MIN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,  # float32's multiplies exact ("ieee"), not in TF32 as Triton's default would
@@ -74,10 +74,7 @@ def _partials(
     split = tl.program_id(1)
     row = pair // KV_HEADS
     kv_head = pair % KV_HEADS
-    # Chunks of at least CHUNK_MIN columns, a multiple of BLOCK_N; the splits past the end stay empty.
-    chunk = tl.cdiv(tl.cdiv(columns, SPLIT_COUNT), BLOCK_N) * BLOCK_N
-    chunk = tl.maximum(chunk, CHUNK_MIN)
-    start = split * chunk
+    start = split * chunk  # the grid has only the splits that attend any column
     end = tl.minimum(start + chunk, columns)
 
     heads = tl.arange(0, GROUP_BLOCK)
@@ -120,24 +117,18 @@ def _combine(
     partial_max,
     partial_sum,
     output,  # (rows, heads, head_dim), contiguous
-    columns,
+    used,  # the splits that attended columns: the first ``used`` of SPLIT_COUNT
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_BLOCK: tl.constexpr,
     SPLIT_COUNT: tl.constexpr,
-    CHUNK_MIN: tl.constexpr,
-    BLOCK_N: tl.constexpr,
 ):
     head_index = tl.program_id(0)  # row * heads + head
     heads = KV_HEADS * GROUP
     row = head_index // heads
     head = head_index % heads
     pair = row * KV_HEADS + head // GROUP
-    chunk = tl.cdiv(tl.cdiv(columns, SPLIT_COUNT), BLOCK_N) * BLOCK_N
-    chunk = tl.maximum(chunk, CHUNK_MIN)
-    used = tl.cdiv(columns, chunk)  # the splits that attended any column
-
     splits = tl.arange(0, SPLIT_COUNT)
     dims = tl.arange(0, DIM_BLOCK)
     split_ok = splits < used
@@ -158,13 +149,23 @@ def _combine(
 @functools.cache
 def _kernels(interpreted: bool) -> tuple[Any, Any]:
     """The two kernels, built at first use, once each with and without Triton's interpreter
-    (which Triton picks when it builds a kernel, from TRITON_INTERPRET)."""
-    return triton.jit(_partials), triton.jit(_combine)
+    (which Triton picks when it builds a kernel, from TRITON_INTERPRET). Triton would compile a
+    kernel again for each new case of an integer that is 1 or a multiple of 16: not for these,
+    which change with the context's length (a compilation would hold every stream up)."""
+    lengths = ["columns", "chunk", "used", "m_row"]
+    return (
+        triton.jit(_partials, do_not_specialize=[name for name in lengths if name != "used"]),
+        triton.jit(_combine, do_not_specialize=["used"]),
+    )
 
 
 def _interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)  # Triton 3.3 and later
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _power_of_two(n: int) -> int:
@@ -184,6 +185,10 @@ def split_decode_attention(
     kv_heads, columns = key.shape[1], key.shape[2]
     group = heads // kv_heads
     splits = SPLITS if rows == 1 else BATCH_SPLITS
+    # Chunks of at least MIN_CHUNK columns, a multiple of BLOCK_COLUMNS; only those that attend
+    # any column are launched (the grid is fixed for a captured graph: so are its columns).
+    chunk = max(MIN_CHUNK, _ceil_div(_ceil_div(columns, splits), BLOCK_COLUMNS) * BLOCK_COLUMNS)
+    used = _ceil_div(columns, chunk)
     if triton is None:
         raise RuntimeError("split decode attention needs Triton, which this torch install lacks")
     partials, combine = _kernels(_interpreting())
@@ -204,10 +209,8 @@ def split_decode_attention(
         HEAD_DIM=head_dim,
         DIM_BLOCK=_power_of_two(head_dim),
         SPLIT_COUNT=splits,
-        CHUNK_MIN=MIN_CHUNK,
-        BLOCK_N=BLOCK_COLUMNS,
     )
-    partials[(rows * kv_heads, splits)](
+    partials[(rows * kv_heads, used)](
         query,
         key,
         value,
@@ -216,6 +219,7 @@ def split_decode_attention(
         partial_max,
         partial_sum,
         columns,
+        chunk,
         scale,
         query.stride(0),
         query.stride(1),
@@ -227,11 +231,12 @@ def split_decode_attention(
         value.stride(2),
         mask.stride(0) if mask is not None else 0,
         GROUP_BLOCK=max(16, _power_of_two(group)),  # a matrix multiply's rows: at least 16
+        BLOCK_N=BLOCK_COLUMNS,
         HAS_MASK=mask is not None,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # "tf32": Triton's default, unused for 16 bits
         **shape,
     )
-    combine[(rows * heads,)](partial_out, partial_max, partial_sum, output, columns, **shape)
+    combine[(rows * heads,)](partial_out, partial_max, partial_sum, output, used, **shape)
     return output
 
 
