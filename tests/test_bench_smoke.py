@@ -359,6 +359,8 @@ def test_decode_profile_times_each_variant_with_graphs_in_a_pool_of_its_own(tmp_
     ("kernel", "group"),
     [
         ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),  # SDPA's memory-efficient kernel
+        ("split_attention_partials", "attention"),  # the split-KV experiment's two Triton kernels
+        ("split_attention_combine", "attention"),
         ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "matrix multiply"),  # cuBLAS
         ("triton_red_fused_mm_1", "matrix multiply"),  # Inductor's one-row reduction for an mm
         ("triton_red_fused_add_mm_7", "matrix multiply"),

@@ -40,7 +40,7 @@ MIN_CHUNK = 64  # the fewest columns a chunk takes: shorter chunks cost more to 
 BLOCK_COLUMNS = 32  # columns per iteration inside a chunk
 
 
-def _partials(
+def split_attention_partials(
     query,  # (rows, heads, head_dim) values, by strides
     key,  # (rows, kv_heads, columns, head_dim)
     value,
@@ -112,7 +112,7 @@ def _partials(
     tl.store(partial_out + slot[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
 
 
-def _combine(
+def split_attention_combine(
     partial_out,
     partial_max,
     partial_sum,
@@ -149,13 +149,13 @@ def _combine(
 @functools.cache
 def _kernels(interpreted: bool) -> tuple[Any, Any]:
     """The two kernels, built at first use, once each with and without Triton's interpreter
-    (which Triton picks when it builds a kernel, from TRITON_INTERPRET). Triton would compile a
-    kernel again for each new case of an integer that is 1 or a multiple of 16: not for these,
-    which change with the context's length (a compilation would hold every stream up)."""
-    lengths = ["columns", "chunk", "used", "m_row"]
+    (which Triton picks when it builds a kernel, from TRITON_INTERPRET). Their names say
+    "attention": the decode profile groups kernels by name. Triton would compile a kernel again
+    for each new case of an integer that is 1 or a multiple of 16: not for these, which change
+    with the context's length (a compilation would hold every stream up)."""
     return (
-        triton.jit(_partials, do_not_specialize=[name for name in lengths if name != "used"]),
-        triton.jit(_combine, do_not_specialize=["used"]),
+        triton.jit(split_attention_partials, do_not_specialize=["columns", "chunk", "m_row"]),
+        triton.jit(split_attention_combine, do_not_specialize=["used"]),
     )
 
 
