@@ -15,6 +15,9 @@
 #   tuning-ab       one stream as served and with coordinate descent timing each candidate launch by its kernel's
 #                   profiled device time instead of events around the launch (--profiled-tuning), alternately, as
 #                   mlp-ab: the events' host overhead swamps one-row kernels of 3-13 µs (gpu-profiled-tuning-ab)
+#   candidates-ab   one stream as served and with both untested experiments that may reach the target together (tuning
+#                   timed by the profiler, the split-KV attention kernels), alternately, as mlp-ab: the one A/B that
+#                   says whether they make the default; tuning-ab and split-ab then tell their shares (gpu-candidates-ab)
 #   split-ab        one stream as served and with the split-KV attention kernels (--split-attention), alternately, as
 #                   mlp-ab: SDPA's one-row attention runs on 2 multiprocessors, 33 µs a layer after the 1024x1024
 #                   image; its rows "after the image" are where the kernels should show (gpu-split-attention-ab)
@@ -102,8 +105,8 @@ ab() {  # one A/B step: one stream without and with the setting $2, alternately,
     --section "$3" --output "$report" -- bench/gpu_bench.py --concurrency --decode-tokens 128 "${extra[@]}" "${@:4}"
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
-else default_steps="gpu-tests served tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served candidates-ab tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served candidates-ab tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -159,6 +162,7 @@ for name in $STEPS; do
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
     tuning-ab) ab "$name" --profiled-tuning gpu-profiled-tuning-ab ;;
     split-ab) ab "$name" --split-attention gpu-split-attention-ab ;;
+    candidates-ab) ab "$name" "--profiled-tuning --split-attention" gpu-candidates-ab ;;
     profile-split) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --split-attention \
       --prompt-words "$image_words" --section decode-profile-split --output "$report" ;;
     tuning-wide-ab) ab "$name" "${wide_search[*]}" gpu-profiled-wide-tuning-ab --profiled-tuning ;;
@@ -169,7 +173,7 @@ for name in $STEPS; do
     rotary-ab) ab "$name" --fuse-rotary gpu-rotary-ab ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served candidates-ab tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done
