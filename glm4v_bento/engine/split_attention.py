@@ -72,7 +72,7 @@ def split_attention_partials(
 ):
     pair = tl.program_id(0)  # row * KV_HEADS + KV head
     split = tl.program_id(1)
-    row = pair // KV_HEADS
+    row = (pair // KV_HEADS).to(tl.int64)  # a row's offset into a large cache passes 2**31 values
     kv_head = pair % KV_HEADS
     start = split * chunk  # the grid has only the splits that attend any column
     end = tl.minimum(start + chunk, columns)
