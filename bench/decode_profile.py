@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from unittest import mock
@@ -264,16 +264,6 @@ def rotary_fused(runner: ModelRunner) -> Iterator[None]:
         runner.compiled = served_step
 
 
-@contextlib.contextmanager
-def switched_on(switch: Callable[[bool], None]) -> Iterator[None]:
-    """An attention experiment on while the block runs (the next step compiles again with it), then off."""
-    switch(True)
-    try:
-        yield
-    finally:
-        switch(False)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architecture", choices=["tiny", "glm4.1v-9b"], default="tiny")
@@ -383,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.fuse_rotary, "Compiled with the rotary embedding fused into fewer kernels (`FUSED_ROTARY_OPTIONS`):",
          "Decode step, rotary embedding fused", True, rotary_fused(runner)),
         (args.split_attention, "With the split-KV kernels for the compiled steps' attention:",
-         "Decode step, split-KV attention", True, switched_on(decode_attention.use_split_attention)),
+         "Decode step, split-KV attention", True, decode_attention.switched_on(decode_attention.use_split_attention)),
         (args.flex, "With FlexAttention for the compiled steps' attention:",
-         "Decode step, FlexAttention", False, switched_on(decode_attention.use_flex_decoding)),
+         "Decode step, FlexAttention", False, decode_attention.switched_on(decode_attention.use_flex_decoding)),
     ]  # fmt: skip
     for asked, intro, title, timings, setting in experiments:
         if asked:

@@ -99,6 +99,32 @@ def redis_url(tmp_path_factory):
     process.wait(timeout=10)
 
 
+@pytest.fixture
+def split_attention_launches(monkeypatch) -> list[int]:
+    """The running rows of each launch of the split-KV attention kernels (split_attention.py), for
+    the tiny model (2 KV heads). Counted where they launch, at run time: a compiled step calls
+    their op without tracing it again, so only steps that really ran compiled count."""
+    from glm4v_bento.engine import split_attention
+
+    launched: list[int] = []
+    kernels = split_attention._kernels
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid[0] // 2)  # the grid's first axis: rows x the tiny model's 2 KV heads
+            return self.kernel[grid]
+
+    def counted(interpreted: bool):
+        partials, combine = kernels(interpreted)
+        return Counted(partials), combine
+
+    monkeypatch.setattr(split_attention, "_kernels", counted)
+    return launched
+
+
 @pytest.fixture(scope="session")
 def gpu_kernels() -> dict[str, list[dict]]:
     """bench/inductor_kernels.py: the Triton kernels Inductor writes for one decoder layer of a

@@ -73,36 +73,12 @@ def test_split_attention_without_a_mask_attends_to_every_column():
 @pytest.fixture
 def split_on_the_cpu(monkeypatch):
     monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
-    attention.use_split_attention(True)
-    yield
-    attention.use_split_attention(False)
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """The running rows of each step whose attention ran the split kernels. Counted where they
-    launch, at run time: a compiled step calls the op without tracing it again."""
-    seen = []
-    kernels = split_attention._kernels
-
-    class Counted:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            seen.append(grid[0] // 2)  # the grid's first axis: rows x the tiny model's 2 KV heads
-            return self.kernel[grid]
-
-    def counted(interpreted):
-        partials, combine = kernels(interpreted)
-        return Counted(partials), combine
-
-    monkeypatch.setattr(split_attention, "_kernels", counted)
-    return seen
+    with attention.switched_on(attention.use_split_attention):
+        yield
 
 
 def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
-    tiny_model_dir, engine, split_on_the_cpu, calls
+    tiny_model_dir, engine, split_on_the_cpu, split_attention_launches
 ):
     loaded = load_model(str(tiny_model_dir), device="cpu")
     prompts = [engine.prompts.build(request) for request in REQUESTS]
@@ -114,20 +90,22 @@ def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
     join_and_leave(runner, prompts, references)
 
     assert runner.compiled.compilations == 2  # one row, batches: nothing here made it compile again
+    calls = split_attention_launches
     assert 1 in calls and any(rows > 1 for rows in calls)  # ran in the one-row and the batch steps...
     assert runner.compiled.enabled and runner.compiled.checked  # ...which agreed with the eager step
 
 
-def test_split_attention_is_off_unless_asked_and_never_in_the_eager_step(tiny_model_dir, engine, monkeypatch, calls):
+def test_split_attention_is_off_unless_asked_and_never_in_the_eager_step(
+    tiny_model_dir, engine, monkeypatch, split_attention_launches
+):
     monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
     loaded = load_model(str(tiny_model_dir), device="cpu")
     prompt = engine.prompts.build(REQUESTS[0])
     decode_alone(ModelRunner(loaded, max_rows=2, compile_decode=True), prompt, Reference(loaded, prompt))
-    assert not calls  # off by default
+    assert not split_attention_launches  # off by default
 
-    attention.use_split_attention(True)
-    try:
+    with attention.switched_on(attention.use_split_attention):
         decode_alone(ModelRunner(loaded, max_rows=2), prompt, Reference(loaded, prompt))
-    finally:
-        attention.use_split_attention(False)
-    assert not calls  # on, but the eager step (which checks each compilation) still attends with SDPA
+    assert (
+        not split_attention_launches
+    )  # on, but the eager step (which checks each compilation) still attends with SDPA

@@ -150,32 +150,14 @@ def test_split_attention_attends_as_sdpa_does_in_bfloat16(rows, columns):
     torch.testing.assert_close(got, expected.reshape(rows, 32, 128), atol=2e-2, rtol=2e-2)
 
 
-def test_split_attention_compiled_with_graphs_gives_the_eager_answers(cuda_model, monkeypatch):
+def test_split_attention_compiled_with_graphs_gives_the_eager_answers(cuda_model, split_attention_launches):
     """The experiment (decode_attention.use_split_attention): compiled steps attend with the split
     kernels, replayed from graphs; the eager step that checks them attends with SDPA."""
-    from glm4v_bento.engine import decode_attention, split_attention
+    from glm4v_bento.engine import decode_attention
 
-    launched = []  # the rows of each launch (before a graph's capture, and in it), by the grid
-    kernels = split_attention._kernels
-
-    class Counted:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launched.append(grid[0] // 2)  # rows x the tiny model's 2 KV heads
-            return self.kernel[grid]
-
-    def counted(interpreted):
-        partials, combine = kernels(interpreted)
-        return Counted(partials), combine
-
-    monkeypatch.setattr(split_attention, "_kernels", counted)
-    decode_attention.use_split_attention(True)
-    try:
+    with decode_attention.switched_on(decode_attention.use_split_attention):
         assert_compiled_with_graphs_answers_as_eager(cuda_model)
-    finally:
-        decode_attention.use_split_attention(False)
+    launched = split_attention_launches  # before each graph's capture and in it: replays run no Python
     assert 1 in launched and any(rows > 1 for rows in launched)  # one-row and batch steps attended so
 
 

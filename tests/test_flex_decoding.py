@@ -30,9 +30,8 @@ def test_flex_decoding_attends_as_sdpa_does():
 @pytest.fixture
 def flex_on_the_cpu(monkeypatch):
     monkeypatch.setattr(attention, "FLEX_DEVICES", {"cuda", "cpu"})
-    attention.use_flex_decoding(True)
-    yield
-    attention.use_flex_decoding(False)
+    with attention.switched_on(attention.use_flex_decoding):
+        yield
 
 
 def test_a_compiled_step_with_flex_decoding_decodes_what_transformers_does(

@@ -21,6 +21,8 @@ experiment, so the eager step that checks each compilation still attends through
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,6 +56,16 @@ def use_split_attention(enabled: bool) -> None:
 
 def split_attention_enabled() -> bool:
     return _split_attention
+
+
+@contextlib.contextmanager
+def switched_on(use: Callable[[bool], None]) -> Iterator[None]:
+    """One of the experiments above (its ``use_...`` switch) on while the block runs, then off."""
+    use(True)
+    try:
+        yield
+    finally:
+        use(False)
 
 
 def decode_attention(

@@ -181,6 +181,8 @@ def split_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention of one new token per row -> (rows, heads, head_dim), in the query's dtype."""
+    if triton is None:
+        raise RuntimeError("split decode attention needs Triton, which this torch install lacks")
     rows, heads, _, head_dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -189,8 +191,6 @@ def split_decode_attention(
     # any column are launched (the grid is fixed for a captured graph: so are its columns).
     chunk = max(MIN_CHUNK, _ceil_div(_ceil_div(columns, splits), BLOCK_COLUMNS) * BLOCK_COLUMNS)
     used = _ceil_div(columns, chunk)
-    if triton is None:
-        raise RuntimeError("split decode attention needs Triton, which this torch install lacks")
     partials, combine = _kernels(_interpreting())
     # The kernels index by strides; the last dimension must be dense, and a query row's heads too.
     query = query.reshape(rows, heads, head_dim).contiguous()
