@@ -18,13 +18,14 @@ QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 help:
 	@echo "make demo       set up everything, then serve the offline tiny model (PORT=3000) and say how to call it"
 	@echo "make test       set up everything, then run lint + the test suite (what CI runs)"
-	@echo "make test-slow  the slow suites (container build, long load tests)"
+	@echo "make test-slow  the slow suites (schemathesis, container build, every GPU-session step walked on the CPU)"
 	@echo "make container-test  build the tiny model's Bento into an image, run it, call it (installs Docker if needed)"
 	@echo "make bento      build the Bento for GLM4V_MODEL (a hub id or a model-store tag)"
 	@echo "make bench      engine, scheduler, service, decode-step, upload, prefill-chunk, image-arrival, step-overhead and compile-time benchmarks on the tiny model -> docs/benchmarks.md"
 	@echo "make load-test  64 clients for 60 s, mixed APIs: zero lost requests -> docs/benchmarks.md"
 	@echo "make gpu-bench  on a CUDA host: the real architecture, random bf16 weights -> docs/benchmarks.md"
 	@echo "make gpu-compare  on a CUDA host: GPU-only tests, the served engine (and one stream with each step waited for), tuning timed by the profiler and split-KV attention (an A/B of both together, then of each, a profile at an image's context for the second, a profile and a wider search for the first), a kernel profile, the MLP activation stored and the rotary embedding fused (together and each alone, A/Bs over fresh compilations), PDL, combo kernels, one-row GEMMs, unfused q/k/v, a long-context profile, wider tuning, before vs now, compile time, prefill chunks, eager, no compile"
+	@echo "make gpu-kit    before a lent GPU machine: every GPU-session step walked on the CPU, then wheels in .whl/ and the older engine in .base/ to carry there"
 	@echo "make kernels    any machine: the Triton kernels Inductor writes for one decoder layer of a single stream on a GPU -> docs/benchmarks.md"
 	@echo "make tiny       build the tiny offline checkpoint into $(TINY)"
 	@echo "make clean      remove .venv, .models and caches"
@@ -97,7 +98,10 @@ GPU_WHEELS = transformers==5.24.0 pydantic==2.14.4 pydantic-core==2.50.5 pydanti
 gpu-compare: $(BIN)/.installed .base/REVISION
 	PYTHON=$(BIN)/python bash bench/gpu_session.sh
 
-gpu-kit: .base/REVISION
+# gpu-kit also walks every step of the session on the CPU (--tiny, about four minutes): device time
+# is short, and a step broken since the last commit that walked it should fail here, not there.
+gpu-kit: $(BIN)/.installed .base/REVISION
+	$(BIN)/pytest -q -m slow tests/test_bench_smoke.py -k walks_every_step
 	rm -rf .whl && mkdir -p .whl
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures in one go, on a lent CUDA machine (the device tool) or any CUDA host whose
 # python3 has torch. Prepare here first with `make gpu-kit` (wheels the machine lacks in .whl/,
-# the engine before the GPU work in .base/), then run, carrying .whl and .base:
+# the engine before the GPU work in .base/; it also walks every step below on the CPU), then run,
+# carrying .whl and .base:
 #     bash bench/gpu_session.sh
 # Writes benchmarks.md, a log and the GPU's clocks (clocks.csv) into $OUT (or bench/results/). The steps, most wanted first,
 # each adding its section(s) as soon as it ends (so a call cut off at its time limit keeps them):

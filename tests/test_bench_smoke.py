@@ -169,13 +169,15 @@ def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_ea
     assert all(f"| 1 | {rate} |" in logged for rate in (111.0, 102.0, 113.0, 104.0))
 
 
-def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
-    """What a lent GPU machine runs by default; here with --tiny on the CPU, so it cannot rot
-    unseen (the compile-restart step is compile_bench --restart's test too). Its steps are
-    independent: two sessions take half of them each, side by side, to keep the suite short."""
-    script = (BENCH / "gpu_session.sh").read_text()
-    steps = re.findall(r'default_steps="([^"]+)"', script)[-1].split()  # the list without a base tree
-    assert len(steps) > 10 and "served" in steps
+# The steps a GPU session runs first, on the newest code: every commit walks these. The whole list
+# takes four minutes here, so it is a slow test, run by `make gpu-kit` before a session and by `make test-slow`.
+FIRST_STEPS = ["gpu-tests", "served", "candidates-ab", "profile-split"]
+FIRST_SECTIONS = ["gpu-bench", "gpu-candidates-ab", "decode-profile-split"]
+
+
+def walk_gpu_session(steps: list[str], tmp_path: Path) -> str:
+    """Run gpu_session.sh's ``steps`` with --tiny on the CPU; its report. The steps are independent:
+    two sessions take half of them each, side by side, to keep the test short."""
     env = {**os.environ, "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--tiny --concurrency 2"}
     env["BASE_TREE"] = str(tmp_path / "none")  # the before/after step is tested with compare_revisions
     sessions = []
@@ -191,13 +193,33 @@ def test_gpu_session_script_walks_its_steps_on_the_cpu(tmp_path):
         assert started.returncode == 0, printed[-3000:]
         report += (out / "benchmarks.md").read_text()
         assert "== " in (out / "log.txt").read_text()  # each step is logged
-    sections = ["gpu-bench", "gpu-bench-mlp-activation", "gpu-bench-unfused-qkv", "gpu-bench-pdl", "gpu-bench-combo"]
-    sections += ["gpu-bench-one-row-gemm", "gpu-bench-wider-tuning", "gpu-bench-autotune-reductions"]
-    sections += ["gpu-bench-graphs-only", "gpu-bench-eager", "prefill-chunks"]
-    sections += ["compile-time", "compile-restart", "decode-profile", "decode-profile-long", "gpu-mlp-activation-ab"]
-    sections += ["gpu-profiled-tuning-ab", "decode-profile-profiled-tuning", "gpu-profiled-wide-tuning-ab"]
-    for section in sections:
+    return report
+
+
+def session_steps() -> list[str]:
+    """What a lent GPU machine runs by default, in its order (the list for a machine without a base tree)."""
+    script = (BENCH / "gpu_session.sh").read_text()
+    return re.findall(r'default_steps="([^"]+)"', script)[-1].split()
+
+
+def test_gpu_session_script_walks_its_first_steps_on_the_cpu(tmp_path):
+    """The steps a GPU session runs first, with --tiny on the CPU, so they cannot rot unseen."""
+    assert set(FIRST_STEPS) <= set(session_steps()[:6])  # still among the first the session runs
+    report = walk_gpu_session(FIRST_STEPS, tmp_path)
+    for section in FIRST_SECTIONS:
         assert f"<!-- {section}:start -->" in report
+    assert "| 2 |" in report
+
+
+@pytest.mark.slow
+def test_gpu_session_script_walks_every_step_on_the_cpu(tmp_path):
+    """Every step a lent GPU machine runs by default (the compile-restart step is compile_bench
+    --restart's test too)."""
+    steps = session_steps()
+    assert len(steps) > 10 and "served" in steps
+    report = walk_gpu_session(steps, tmp_path)
+    sections = set(re.findall(r"<!-- ([a-z0-9-]+):start -->", report))
+    assert len(sections) == len(steps) - 1  # a section of its own from each step but gpu-tests
     assert "| 2 |" in report
     # compile-restart: the second process found the first one's compiled graphs in their shared cache
     hits = re.search(r"found in the cache: (\d+) at the first start, (\d+) at the restart", report)
