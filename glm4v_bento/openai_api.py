@@ -161,7 +161,12 @@ def _parse_body(body: bytes) -> ChatCompletionRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise OpenAIError(400, f"unrecognized request argument: {param}", param) from None
         raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
+    if unsupported := body.unsupported():
+        param, reason = unsupported
+        raise OpenAIError(400, f"{param}: {reason}", param, "unsupported_parameter")
     if body.top_logprobs is not None and not body.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
     return body
@@ -177,8 +182,12 @@ class _Prepared:
 async def _to_generation_request(
     body: ChatCompletionRequest, host: ModelHost, policy: URLPolicy, request_id: str
 ) -> _Prepared:
-    system = "\n".join(_text(m) for m in body.messages if m.role == "system") or None
-    turns = [(i, m) for i, m in enumerate(body.messages) if m.role != "system"]
+    instructions = ("system", "developer")
+    for index, message in enumerate(body.messages):
+        if message.role in instructions and _has_images(message):  # the prompt has no place for them
+            raise OpenAIError(400, f"{message.role} messages cannot carry images", f"messages.{index}.content")
+    system = "\n".join(_text(m) for m in body.messages if m.role in instructions) or None
+    turns = [(i, m) for i, m in enumerate(body.messages) if m.role not in instructions]
     if not turns or turns[-1][1].role != "user":
         raise OpenAIError(400, "the last message must come from the user", "messages")
     history, raw_history = [], []
@@ -223,6 +232,10 @@ def _text(message: Message) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     return "\n".join(part.text for part in message.content if not isinstance(part, ImagePart))
+
+
+def _has_images(message: Message) -> bool:
+    return isinstance(message.content, list) and any(isinstance(part, ImagePart) for part in message.content)
 
 
 async def _images(message: Message, index: int, host: ModelHost, policy: URLPolicy) -> list[CheckedImage]:

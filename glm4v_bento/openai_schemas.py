@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,7 +29,9 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer: OpenAI's newer name for system instructions, read as system."
+    )
     content: str | list[ContentPart] | None = None
     name: str | None = None
     reasoning_content: str | None = Field(
@@ -67,6 +69,20 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
     cache: bool = Field(True, description="Answer from the result cache when possible (deterministic, not streamed).")
+    # OpenAI parameters for features this server lacks. Clients and frameworks send some of them
+    # with values that ask for nothing; those are accepted. Any other value is refused with its
+    # reason (unsupported_request): ignoring it would drop what the client asked for.
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    tools: list[dict[str, Any]] | None = Field(None, description="Only empty: no function calling.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" (or "auto" without tools).')
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(None, description="Only empty: no function calling.")
+    function_call: str | dict[str, Any] | None = Field(None, description='Only "none" (or "auto" without functions).')
+    modalities: list[str] | None = Field(None, description='Only ["text"].')
+    store: bool | None = Field(None, description="Only false: completions are not stored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted: it tags stored completions (none here).")
+    logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
+    reasoning_effort: str | None = Field(None, description="Not adjustable: max_tokens caps thinking and answer.")
 
     @field_validator("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
     @classmethod
@@ -74,6 +90,33 @@ class ChatCompletionRequest(BaseModel):
         if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, reason) for the first parameter that asks for a feature this server lacks."""
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format", (
+                'only {"type": "text"} is supported: answers are not constrained to JSON here '
+                "(ask for JSON in the prompt and parse the answer)"
+            )
+        no_calling = "function calling is not supported by this server"
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, no_calling
+        for name in ("tool_choice", "function_call"):  # "auto" with nothing to call asks for nothing
+            if getattr(self, name) not in (None, "none", "auto"):
+                return name, no_calling
+        if self.modalities is not None and self.modalities != ["text"]:
+            return "modalities", 'only ["text"] is supported: this server answers in text'
+        if self.store:
+            return "store", "stored completions are not supported by this server"
+        if self.logit_bias:
+            return "logit_bias", "not supported by this server"
+        if self.reasoning_effort is not None:
+            return "reasoning_effort", (
+                "not supported: how long the model thinks is not adjustable here; max_tokens caps its thinking "
+                "and answer together"
+            )
+        return None
 
 
 class ResponseMessage(BaseModel):

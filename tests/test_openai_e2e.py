@@ -15,6 +15,7 @@ from glm4v_bento.devserver import Server
 
 MODEL = "glm4v-tiny"
 IMAGE_URI = "data:image/png;base64," + base64.b64encode(encode(make_image(56, 56))).decode()
+IMAGE_PART = {"type": "image_url", "image_url": {"url": IMAGE_URI}}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def client(server):
 def user(text: str, image: bool = True) -> dict:
     content = [{"type": "text", "text": text}]
     if image:
-        content.insert(0, {"type": "image_url", "image_url": {"url": IMAGE_URI}})
+        content.insert(0, IMAGE_PART)
     return {"role": "user", "content": content}
 
 
@@ -206,7 +207,14 @@ def test_frequency_and_presence_penalties_steer_away_from_repeats(client):
         ({"temperature": 5}, 400, "temperature", "less than or equal"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", "last message"),
         ({"messages": []}, 400, "messages", "at least 1"),
-        ({"logit_bias": {"1": 5}}, 400, "logit_bias", "Extra inputs"),
+        ({"logit_bias": {"1": 5}}, 400, "logit_bias", "not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "function calling"),
+        ({"tool_choice": "required"}, 400, "tool_choice", "function calling"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format", "not constrained to JSON"),
+        ({"store": True}, 400, "store", "stored completions"),
+        ({"reasoning_effort": "low"}, 400, "reasoning_effort", "max_tokens caps"),
+        ({"extra_body": {"temprature": 0}}, 400, "temprature", "unrecognized request argument"),
+        ({"messages": [{"role": "system", "content": [IMAGE_PART]}, user("x")]}, 400, "messages.0.content", "images"),
         ({"top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "less than or equal"),
     ],
@@ -219,6 +227,26 @@ def test_bad_requests_get_openai_shaped_errors(client, overrides, status, param,
     assert error.status_code == status
     assert error.body["param"] == param and fragment in error.body["message"]
     assert error.body["type"] == "invalid_request_error"
+    if "not supported" in error.body["message"]:  # a feature this server lacks, told apart from a mistake
+        assert error.body["code"] == "unsupported_parameter"
+
+
+def test_parameters_that_ask_for_nothing_are_accepted_and_change_nothing(client):
+    """What clients and frameworks send by default: the answer is the one without them."""
+
+    def answer(messages: list[dict], **extra) -> str:
+        response = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=12, temperature=0, extra_body={"cache": False}, **extra
+        )
+        return response.choices[0].message.content
+
+    plain = answer([{"role": "system", "content": "be brief"}, user("what is this?")])
+    defaults = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "store": False}
+    defaults |= {"parallel_tool_calls": False, "metadata": {"team": "vision"}, "modalities": ["text"]}
+    assert answer([{"role": "system", "content": "be brief"}, user("what is this?")], **defaults) == plain
+    # OpenAI's newer name for system instructions
+    assert answer([{"role": "developer", "content": "be brief"}, user("what is this?")]) == plain
+    assert answer([user("what is this?")]) != plain  # the instructions do reach the prompt
 
 
 @pytest.mark.parametrize(
