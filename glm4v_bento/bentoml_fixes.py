@@ -1,10 +1,12 @@
-"""Three fixes to BentoML (1.4) behaviour, installed once when the service module loads.
+"""Four fixes to BentoML (1.4) behaviour, installed once when the service module loads.
 
 1. File fields take uploaded files only, and a malformed multipart body (no boundary, say) is
    a 400, not a 500. BentoML's multipart parser treats a *text* value
    in a file field as a URL and downloads it (on this stack its address guard even fails
    with a 500). A server that fetches URLs named by clients is a surprise at best and a way
    into internal networks at worst, so such a value is refused with a 400 saying what to send.
+   A binary file in a field that takes JSON (or in no field of the API: `image=@cat.jpg` for
+   `image_file`) is a 400 naming the field; BentoML's parser failed decoding it, a 500.
 2. Root models (such as the batcher's list of items) regenerate their JSON schema on every
    request, when parsing the input and again when choosing the response's media type; under
    load that was about a quarter of the server's CPU. A type's schema never changes, so it is
@@ -14,6 +16,9 @@
    has passed: under load, gigabytes. Here the timer is cancelled when the request ends;
    the behaviour is otherwise the same (504 if no response has started in time), except
    that the OpenAI routes answer it in OpenAI's error shape, as their other errors.
+4. An API's inputs refuse fields it does not have (a 400 naming them). BentoML's input models
+   ignored them, so `{"prompt": ..., "max_new_tokens": 3}` to /generate (where the length goes
+   in `params`) ran to the default length, the client's limit dropped without a word.
 """
 
 from __future__ import annotations
@@ -33,6 +38,41 @@ def install() -> None:
     _refuse_text_in_file_fields()
     _cache_root_model_schemas()
     _disarm_request_timers()
+    _refuse_unknown_input_fields()
+
+
+def _refuse_unknown_input_fields() -> None:
+    """Input models that BentoML builds from an API's signature from now on forbid other fields."""
+    from _bentoml_sdk.io_models import IODescriptor
+
+    if getattr(IODescriptor, "_glm4v_fixed", False):
+        return
+    build = IODescriptor.from_input.__func__
+
+    def from_input(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        model = build(cls, *args, **kwargs)
+        if not getattr(model, "__root_input__", False):  # a root input is one value, not named fields
+            model.model_config["extra"] = "forbid"
+            model.model_rebuild(force=True)
+        return model
+
+    IODescriptor.from_input = classmethod(from_input)
+    IODescriptor._glm4v_fixed = True
+
+
+async def _is_text(upload: UploadFile) -> bool:
+    data = await upload.read()
+    await upload.seek(0)  # BentoML's parser reads it again
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _field_error(loc: tuple[str | int, ...], sent: str, message: str) -> InitErrorDetails:
+    """A 400's entry for a multipart part; ``sent`` stands in for its value, which is not echoed."""
+    return {"type": "value_error", "loc": loc, "input": sent, "ctx": {"error": ValueError(message)}}
 
 
 def _disarm_request_timers() -> None:
@@ -111,25 +151,25 @@ def _refuse_text_in_file_fields() -> None:
                 form = await request.form()  # Starlette caches it; the parent reads the same form
             except (MultiPartException, HTTPException) as exc:  # e.g. no boundary: the client's mistake
                 reason = getattr(exc, "message", None) or getattr(exc, "detail", "")
-                error = ValueError(f"malformed multipart/form-data body ({reason})")
-                detail: InitErrorDetails = {
-                    "type": "value_error",
-                    "loc": ("body",),
-                    "input": "",
-                    "ctx": {"error": error},
-                }
+                detail = _field_error(("body",), "", f"malformed multipart/form-data body ({reason})")
                 raise ValidationError.from_exception_data("Input", [detail]) from None
+            text_in_file_field = "must be an uploaded file (multipart file part), not a text value"
             errors: list[InitErrorDetails] = [
-                {
-                    "type": "value_error",
-                    "loc": (field, index),
-                    "input": "(text)",
-                    "ctx": {"error": ValueError("must be an uploaded file (multipart file part), not a text value")},
-                }
+                _field_error((field, index), "(text)", text_in_file_field)
                 for field in cls.multipart_fields
                 for index, value in enumerate(form.getlist(field))
                 if not isinstance(value, UploadFile)
             ]
+            takes_files = f"(fields that take files: {', '.join(cls.multipart_fields) or 'none'})"
+            for field, value in form.multi_items():
+                if field in cls.multipart_fields or not isinstance(value, UploadFile):
+                    continue
+                if field not in cls.model_fields:
+                    errors.append(_field_error((field,), "(file)", f"not a field of this API {takes_files}"))
+                elif not await _is_text(value):  # BentoML decodes the part as JSON text
+                    errors.append(
+                        _field_error((field,), "(file)", f"must be JSON text, not a binary file {takes_files}")
+                    )
             if errors:
                 raise ValidationError.from_exception_data("Input", errors)
             return await super().parse_request(request, cls)

@@ -85,6 +85,31 @@ CASES = [
         "uploaded file",
     ),
     ("no image at all", "POST", INFER, form(None, {"text_prompt": "x"}), 400, "image_file"),
+    (
+        "image under another field name",
+        "POST",
+        INFER,
+        {"files": {"image": ("a.png", PNG, "image/png"), "request_data": (None, "{}")}},
+        400,
+        "not a field of this API (fields that take files: image_file)",
+    ),
+    (
+        "an image beside image_file",
+        "POST",
+        INFER,
+        {"files": [("image_file", ("a.png", PNG, "image/png")), ("images", ("b.png", PNG, "image/png"))]},
+        400,
+        "not a field of this API",
+    ),
+    (
+        "image as request_data",
+        "POST",
+        INFER,
+        {"files": {"image_file": ("a.png", PNG, "image/png"), "request_data": ("b.png", PNG, "image/png")}},
+        400,
+        "must be JSON text, not a binary file",
+    ),
+    ("unknown form field", "POST", INFER, {**form(PNG), "data": {"temperature": "0"}}, 400, "temperature"),
     ("json body instead of a form", "POST", INFER, {"json": {"text_prompt": "x"}}, 400, "image_file"),
     ("empty body", "POST", INFER, {"content": b""}, 400, "image_file"),
     (
@@ -142,6 +167,15 @@ CASES = [
         "not valid base64",
     ),
     ("batcher with a bare list", "POST", "/v1/batch/generate", {"json": [{"request_id": "r"}]}, 400, "object"),
+    (
+        "generate with the length outside params",
+        "POST",
+        "/generate",
+        {"json": {"prompt": "x", "max_new_tokens": 3}},
+        400,
+        "max_new_tokens",
+    ),
+    ("batcher with an unknown field", "POST", "/v1/batch/generate", {"json": {"items": [], "x": 1}}, 400, '"x"'),
     # OpenAI
     (
         "chat body not json",
