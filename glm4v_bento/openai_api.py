@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /v1/models/{id}``.
 
 The thinking goes to ``reasoning_content`` and the answer to ``content`` (box markers
 removed), streamed or not; requests run on the same scheduler as the native APIs. Errors
@@ -77,10 +77,20 @@ def create_routes(
     url_policy: URLPolicy,
     on_reject: Callable[[str], None] = lambda reason: None,
 ) -> list[Route]:
+    started = int(time.time())  # "created": when this server began serving the model, the same in every answer
+
+    def model_card() -> dict[str, Any]:
+        return {"id": served_model, "object": "model", "created": started, "owned_by": "glm4v-bento"}
+
     async def list_models(_: Request) -> Response:
-        created = int(time.time())
-        model = {"id": served_model, "object": "model", "created": created, "owned_by": "glm4v-bento"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def retrieve_model(request: Request) -> Response:  # the openai client's models.retrieve
+        asked = request.path_params["model"]
+        if asked != served_model:
+            message = f"the model {asked!r} does not exist; this server serves {served_model!r}"
+            return OpenAIError(404, message, "model", "model_not_found").response()
+        return JSONResponse(model_card())
 
     async def chat_completions(request: Request) -> Response:
         host = get_host()
@@ -141,6 +151,7 @@ def create_routes(
 
     return [
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),  # ids may hold slashes
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
 
@@ -161,6 +172,8 @@ def _parse_body(body: bytes) -> ChatCompletionRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"])
+        if not param:
+            raise OpenAIError(400, "the request body must be a JSON object") from None
         if first["type"] == "extra_forbidden":
             raise OpenAIError(400, f"unrecognized request argument: {param}", param) from None
         raise OpenAIError(400, f"{param}: {first['msg']}", param) from None

@@ -53,6 +53,15 @@ def collect(stream) -> tuple[str, str, list]:
 
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_a_body_that_is_not_an_object_is_named_as_such(server):
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=[{"role": "user"}], timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "the request body must be a JSON object"
 
 
 def test_non_streamed_completion_with_a_data_uri_image(client):
