@@ -1,6 +1,9 @@
-"""The BentoML fixes: root-model schemas are generated once and handed out as copies."""
+"""The BentoML fixes: root-model schemas are generated once and handed out as copies; inputs
+refuse fields their API does not have."""
 
 from __future__ import annotations
+
+import pytest
 
 from glm4v_bento import bentoml_fixes
 
@@ -24,3 +27,23 @@ def test_root_model_schema_is_cached_and_copied(monkeypatch):
     second["mutated"] = True
     assert "mutated" not in cls.model_json_schema()
     assert cls.model_validate_json(b'[{"request_id": "a"}]').root[0].request_id == "a"
+
+
+def test_inputs_built_from_a_signature_refuse_other_fields_and_root_inputs_stay_as_they_are():
+    from _bentoml_sdk.io_models import IODescriptor
+    from pydantic import ValidationError
+
+    bentoml_fixes.install()
+
+    def api(prompt: str, cache: bool = True) -> str: ...
+
+    named = IODescriptor.from_input(api)
+    assert named(prompt="x").cache is True
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        named(prompt="x", max_new_tokens=3)
+
+    def root_api(items: list[int], /) -> str: ...
+
+    root = IODescriptor.from_input(root_api)
+    assert root.model_validate([1, 2]).root == [1, 2]
+    assert IODescriptor.model_config.get("extra") is None  # the base, and other models, are untouched
