@@ -1,4 +1,4 @@
-"""Four fixes to BentoML (1.4) behaviour, installed once when the service module loads.
+"""Five fixes to BentoML (1.4) behaviour, installed once when the service module loads.
 
 1. File fields take uploaded files only, and a malformed multipart body (no boundary, say) is
    a 400, not a 500. BentoML's multipart parser treats a *text* value
@@ -19,6 +19,10 @@
 4. An API's inputs refuse fields it does not have (a 400 naming them). BentoML's input models
    ignored them, so `{"prompt": ..., "max_new_tokens": 3}` to /generate (where the length goes
    in `params`) ran to the default length, the client's limit dropped without a word.
+5. A hub model that cannot be fetched when the server starts (no network, a typo in the id, a
+   gated model without HF_TOKEN) stops it with one message saying why and what to do instead
+   (model_source.download_failure). BentoML let the download's error through: three chained
+   tracebacks, 120 lines, whose last line blamed the internet connection whatever the cause.
 """
 
 from __future__ import annotations
@@ -39,6 +43,26 @@ def install() -> None:
     _cache_root_model_schemas()
     _disarm_request_timers()
     _refuse_unknown_input_fields()
+    _explain_hub_download_failures()
+
+
+def _explain_hub_download_failures() -> None:
+    from bentoml.models import HuggingFaceModel
+
+    from glm4v_bento.model_source import download_failure
+
+    if getattr(HuggingFaceModel, "_glm4v_fixed", False):
+        return
+    download = HuggingFaceModel.resolve
+
+    def resolve(self: Any, *args: Any, **kwargs: Any) -> str:
+        try:
+            return download(self, *args, **kwargs)
+        except OSError as error:  # huggingface_hub's errors are all OSErrors
+            raise download_failure(self.model_id, self.revision, error) from None
+
+    HuggingFaceModel.resolve = resolve
+    HuggingFaceModel._glm4v_fixed = True
 
 
 def _refuse_unknown_input_fields() -> None:

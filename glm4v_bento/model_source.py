@@ -62,6 +62,33 @@ class ModelSource:
         return str(declared)
 
 
+class ModelDownloadError(RuntimeError):
+    """A hub model could not be fetched: what went wrong and what to do instead, in one message."""
+
+
+def download_failure(model_id: str, revision: str, error: OSError) -> ModelDownloadError:
+    """The error to stop the server with when ``snapshot_download`` of the hub model failed."""
+    from huggingface_hub import constants, errors
+
+    if isinstance(error, errors.GatedRepoError):
+        why = "the model is gated: accept its terms on the Hub, then set HF_TOKEN"
+    elif isinstance(error, errors.RepositoryNotFoundError):
+        why = "the Hub has no such model, or it is private (check the id; set HF_TOKEN for a private one)"
+    elif isinstance(error, errors.RevisionNotFoundError):
+        why = f"the model has no revision {revision!r} (GLM4V_REVISION)"
+    elif isinstance(error, errors.LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set and the local cache has no copy"
+    elif isinstance(error, errors.LocalEntryNotFoundError):  # what no network gives
+        why = "the Hub could not be reached (check the network, HF_ENDPOINT) and the local cache has no copy"
+    else:  # a disk that filled up, an HTTP error...
+        why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return ModelDownloadError(
+        f"cannot fetch GLM4V_MODEL={model_id!r} (revision {revision}) from the Hugging Face Hub: {why}. "
+        "To serve a copy on this machine instead, set GLM4V_MODEL to a local directory or a model-store tag "
+        "(glm4v-bento import-model); `make demo` serves the offline tiny model."
+    )
+
+
 def revision_of(path: str, configured: str | None) -> str | None:
     """The commit a hub snapshot directory was downloaded at (``.../snapshots/<sha>``), if known."""
     local = Path(path)

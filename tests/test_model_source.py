@@ -1,10 +1,14 @@
-"""How GLM4V_MODEL is read: local directory, hub id, or model-store tag."""
+"""How GLM4V_MODEL is read: local directory, hub id, or model-store tag; and what a hub model
+that cannot be fetched says."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from huggingface_hub import constants, errors
 
-from glm4v_bento.model_source import ModelSource, revision_of
+from glm4v_bento.devserver import Server
+from glm4v_bento.model_source import ModelSource, download_failure, revision_of
 
 
 def test_existing_directory_is_local(tiny_model_dir):
@@ -50,3 +54,42 @@ def test_revision_is_read_from_a_hub_snapshot_path(tmp_path):
     snapshot = tmp_path / "models--zai-org--GLM" / "snapshots" / "0123abcd"
     assert revision_of(str(snapshot), "main") == "0123abcd"
     assert revision_of(str(tmp_path), "main") == "main"
+
+
+def _http_error(kind: type) -> OSError:
+    request = httpx.Request("GET", "https://huggingface.co/api/models/zai-org/GLM-4.1V-9B-Thinking")
+    return kind("404 Client Error", response=httpx.Response(404, request=request))
+
+
+@pytest.mark.parametrize(
+    ("error", "offline", "reason"),
+    [
+        (lambda: _http_error(errors.GatedRepoError), False, "gated: accept its terms on the Hub, then set HF_TOKEN"),
+        (lambda: _http_error(errors.RepositoryNotFoundError), False, "no such model, or it is private"),
+        (lambda: _http_error(errors.RevisionNotFoundError), False, "no revision 'v9' (GLM4V_REVISION)"),
+        (lambda: errors.LocalEntryNotFoundError("x"), False, "could not be reached (check the network"),
+        (lambda: errors.LocalEntryNotFoundError("x"), True, "HF_HUB_OFFLINE is set and the local cache has no copy"),
+        (lambda: OSError(28, "No space left on device"), False, "OSError: [Errno 28] No space left on device"),
+    ],
+)
+def test_a_failed_download_says_why_and_what_to_do_instead(monkeypatch, error, offline, reason):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    message = str(download_failure("zai-org/GLM-4.1V-9B-Thinking", "v9", error()))
+    assert message.startswith("cannot fetch GLM4V_MODEL='zai-org/GLM-4.1V-9B-Thinking' (revision v9)")
+    assert reason in message and "set GLM4V_MODEL to a local directory or a model-store tag" in message
+
+
+def test_serving_a_hub_model_that_cannot_be_fetched_stops_with_one_clear_message(tmp_path):
+    """The real `bentoml serve`, offline (as the test server always is) and with an empty cache."""
+    cache = str(tmp_path / "hub-cache")
+    server = Server("zai-org/GLM-4.1V-9B-Thinking", tmp_path / "serve.log", HF_HOME=cache, BENTOML_HF_CACHE_DIR=cache)
+    try:
+        with pytest.raises(RuntimeError, match="bentoml serve exited with 1"):
+            server.wait_ready(timeout=120)
+        log = server.log()
+    finally:
+        server.stop()
+    last_line = log.strip().splitlines()[-1]
+    assert last_line.startswith("glm4v_bento.model_source.ModelDownloadError: cannot fetch GLM4V_MODEL=")
+    assert "HF_HUB_OFFLINE is set and the local cache has no copy" in last_line
+    assert log.count("Traceback") == 1  # the download's own chained tracebacks are left out
