@@ -22,7 +22,7 @@
 5. A hub model that cannot be fetched when the server starts (no network, a typo in the id, a
    gated model without HF_TOKEN) stops it with one message saying why and what to do instead
    (model_source.download_failure). BentoML let the download's error through: three chained
-   tracebacks, 120 lines, whose last line blamed the internet connection whatever the cause.
+   tracebacks, 126 lines, whose last line blamed the internet connection whatever the cause.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def install() -> None:
 
 
 def _explain_hub_download_failures() -> None:
+    """A failed download of a hub model raises model_source.ModelDownloadError, its cause left out."""
     from bentoml.models import HuggingFaceModel
 
     from glm4v_bento.model_source import download_failure

@@ -81,7 +81,8 @@ def download_failure(model_id: str, revision: str, error: OSError) -> ModelDownl
     elif isinstance(error, errors.LocalEntryNotFoundError):  # what no network gives
         why = "the Hub could not be reached (check the network, HF_ENDPOINT) and the local cache has no copy"
     else:  # a disk that filled up, an HTTP error...
-        why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        lines = str(error).strip().splitlines()
+        why = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return ModelDownloadError(
         f"cannot fetch GLM4V_MODEL={model_id!r} (revision {revision}) from the Hugging Face Hub: {why}. "
         "To serve a copy on this machine instead, set GLM4V_MODEL to a local directory or a model-store tag "

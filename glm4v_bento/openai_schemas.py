@@ -71,7 +71,7 @@ class ChatCompletionRequest(BaseModel):
     cache: bool = Field(True, description="Answer from the result cache when possible (deterministic, not streamed).")
     # OpenAI parameters for features this server lacks. Clients and frameworks send some of them
     # with values that ask for nothing; those are accepted. Any other value is refused with its
-    # reason (unsupported_request): ignoring it would drop what the client asked for.
+    # reason (code unsupported_parameter): ignoring it would drop what the client asked for.
     response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
     tools: list[dict[str, Any]] | None = Field(None, description="Only empty: no function calling.")
     tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" (or "auto" without tools).')
