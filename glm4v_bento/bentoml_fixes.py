@@ -6,7 +6,9 @@
    with a 500). A server that fetches URLs named by clients is a surprise at best and a way
    into internal networks at worst, so such a value is refused with a 400 saying what to send.
    A binary file in a field that takes JSON (or in no field of the API: `image=@cat.jpg` for
-   `image_file`) is a 400 naming the field; BentoML's parser failed decoding it, a 500.
+   `image_file`) is a 400 naming the field; BentoML's parser failed decoding it, a 500. A field
+   that takes one value but was sent twice (two `image_file`s to the one-image API) is a 400;
+   BentoML kept one and dropped the other without a word.
 2. Root models (such as the batcher's list of items) regenerate their JSON schema on every
    request, when parsing the input and again when choosing the response's media type; under
    load that was about a quarter of the server's CPU. A type's schema never changes, so it is
@@ -83,6 +85,18 @@ def _refuse_unknown_input_fields() -> None:
 
     IODescriptor.from_input = classmethod(from_input)
     IODescriptor._glm4v_fixed = True
+
+
+def _takes_a_list(model: Any, field: str) -> bool:
+    """Whether the input model's field takes several multipart parts (a list of files)."""
+    from typing import get_args
+
+    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
+
+    annotation = model.model_fields[field].annotation
+    if is_union_type(annotation):  # list[Path] | None: the list, as BentoML reads it
+        annotation = get_args(annotation)[0]
+    return field in model.multipart_fields and is_list_type(annotation)
 
 
 async def _is_text(upload: UploadFile) -> bool:
@@ -185,6 +199,11 @@ def _refuse_text_in_file_fields() -> None:
                 for index, value in enumerate(form.getlist(field))
                 if not isinstance(value, UploadFile)
             ]
+            for field in dict.fromkeys(form.keys()):  # BentoML keeps one part of a field that takes one value
+                sent = len(form.getlist(field))
+                if sent > 1 and field in cls.model_fields and not _takes_a_list(cls, field):
+                    one = "one file" if field in cls.multipart_fields else "one value"
+                    errors.append(_field_error((field,), f"({sent} parts)", f"takes {one}, {sent} were sent"))
             takes_files = f"(fields that take files: {', '.join(cls.multipart_fields) or 'none'})"
             for field, value in form.multi_items():
                 if field in cls.multipart_fields or not isinstance(value, UploadFile):

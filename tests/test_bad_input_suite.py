@@ -110,6 +110,28 @@ CASES = [
         "must be JSON text, not a binary file",
     ),
     ("unknown form field", "POST", INFER, {**form(PNG), "data": {"temperature": "0"}}, 400, "temperature"),
+    (
+        "two images to the one-image API",
+        "POST",
+        INFER,
+        {"files": [("image_file", ("a.png", PNG, "image/png")), ("image_file", ("b.png", PNG, "image/png"))]},
+        400,
+        "takes one file, 2 were sent",
+    ),
+    (
+        "request_data twice",
+        "POST",
+        INFER,
+        {
+            "files": [
+                ("image_file", ("a.png", PNG, "image/png")),
+                ("request_data", (None, "{}")),
+                ("request_data", (None, "{}")),
+            ]
+        },
+        400,
+        "takes one value, 2 were sent",
+    ),
     ("json body instead of a form", "POST", INFER, {"json": {"text_prompt": "x"}}, 400, "image_file"),
     ("empty body", "POST", INFER, {"content": b""}, 400, "image_file"),
     (
