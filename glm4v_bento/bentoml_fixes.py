@@ -41,7 +41,7 @@ from starlette.formparsers import MultiPartException
 
 
 def install() -> None:
-    _refuse_text_in_file_fields()
+    _check_multipart_parts()
     _cache_root_model_schemas()
     _disarm_request_timers()
     _refuse_unknown_input_fields()
@@ -175,15 +175,17 @@ def _cache_root_model_schemas() -> None:
     IORootModel._glm4v_fixed = True
 
 
-def _refuse_text_in_file_fields() -> None:
-    """Replace BentoML's multipart parser with one that refuses non-file values in file fields."""
+def _check_multipart_parts() -> None:
+    """Replace BentoML's multipart parser with one that first checks each part against the API's
+    fields: files only in file fields, no binary file where JSON goes, no part the API does not
+    have, one part where one value is taken."""
     from _bentoml_impl import serde
 
-    if getattr(serde.ALL_SERDE["multipart/form-data"], "_uploads_only", False):
+    if getattr(serde.ALL_SERDE["multipart/form-data"], "_parts_checked", False):
         return
 
-    class UploadsOnlyMultipartSerde(serde.MultipartSerde):
-        _uploads_only = True
+    class CheckedPartsMultipartSerde(serde.MultipartSerde):
+        _parts_checked = True
 
         async def parse_request(self, request: Any, cls: Any) -> Any:
             try:
@@ -220,4 +222,4 @@ def _refuse_text_in_file_fields() -> None:
 
     for media_type, parser in list(serde.ALL_SERDE.items()):
         if parser is serde.MultipartSerde:
-            serde.ALL_SERDE[media_type] = UploadsOnlyMultipartSerde
+            serde.ALL_SERDE[media_type] = CheckedPartsMultipartSerde
