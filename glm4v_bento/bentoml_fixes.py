@@ -48,13 +48,19 @@ def install() -> None:
     _explain_hub_download_failures()
 
 
+def _fixed_already(owner: type) -> bool:
+    """Whether an earlier install() fixed this class: its own mark, not one inherited (IORootModel,
+    fixed first, is a subclass of IODescriptor, fixed later)."""
+    return "_glm4v_fixed" in vars(owner)
+
+
 def _explain_hub_download_failures() -> None:
     """A failed download of a hub model raises model_source.ModelDownloadError, its cause left out."""
     from bentoml.models import HuggingFaceModel
 
     from glm4v_bento.model_source import download_failure
 
-    if getattr(HuggingFaceModel, "_glm4v_fixed", False):
+    if _fixed_already(HuggingFaceModel):
         return
     download = HuggingFaceModel.resolve
 
@@ -72,7 +78,7 @@ def _refuse_unknown_input_fields() -> None:
     """Input models that BentoML builds from an API's signature from now on forbid other fields."""
     from _bentoml_sdk.io_models import IODescriptor
 
-    if getattr(IODescriptor, "_glm4v_fixed", False):
+    if _fixed_already(IODescriptor):
         return
     build = IODescriptor.from_input.__func__
 
@@ -120,7 +126,7 @@ def _disarm_request_timers() -> None:
     from glm4v_bento.http_limits import reply_error
 
     middleware = traffic.TimeoutMiddleware
-    if getattr(middleware, "_glm4v_fixed", False):
+    if _fixed_already(middleware):
         return
 
     async def call(self: Any, scope: Any, receive: Any, send: Any) -> None:
@@ -160,7 +166,7 @@ def _disarm_request_timers() -> None:
 def _cache_root_model_schemas() -> None:
     from _bentoml_sdk.io_models import IORootModel
 
-    if getattr(IORootModel, "_glm4v_fixed", False):
+    if _fixed_already(IORootModel):
         return
     generate = IORootModel.model_json_schema.__func__
     cache: dict[tuple, dict[str, Any]] = {}
