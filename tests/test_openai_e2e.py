@@ -226,6 +226,7 @@ def test_frequency_and_presence_penalties_steer_away_from_repeats(client):
         ({"messages": [{"role": "system", "content": [IMAGE_PART]}, user("x")]}, 400, "messages.0.content", "images"),
         ({"top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "less than or equal"),
+        ({"max_tokens": 10**6}, 400, None, "1000000 new tokens were asked for"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(client, overrides, status, param, fragment):

@@ -309,8 +309,9 @@ class Scheduler:
             )
         if asked is not None and asked > budget:
             raise PromptError(
-                f"the prompt is {prompt.num_tokens} tokens and max_new_tokens is {asked}: together they exceed "
-                f"the model's context of {max_context} tokens (at most {budget} new tokens fit)"
+                # Worded without a field name: each API names the length its own way (max_tokens...).
+                f"the prompt is {prompt.num_tokens} tokens and {asked} new tokens were asked for: together they "
+                f"exceed the model's context of {max_context} tokens (at most {budget} new tokens fit)"
             )
         loaded = self.runner.loaded
         return Sequence(
