@@ -1,4 +1,4 @@
-"""Five fixes to BentoML (1.4) behaviour, installed once when the service module loads.
+"""Six fixes to BentoML (1.4) behaviour, installed once when the service module loads.
 
 1. File fields take uploaded files only, and a malformed multipart body (no boundary, say) is
    a 400, not a 500. BentoML's multipart parser treats a *text* value
@@ -25,12 +25,21 @@
    gated model without HF_TOKEN) stops it with one message saying why and what to do instead
    (model_source.download_failure). BentoML let the download's error through: three chained
    tracebacks, 126 lines, whose last line blamed the internet connection whatever the cause.
+6. Each server keeps its Prometheus files in a directory of its own. BentoML used one per
+   BENTOML_HOME and emptied it whenever a server started, so a second server on the machine
+   (one per GPU, say) silently cut the first off from its own metrics: each /metrics then
+   showed the other's counts. A directory named by PROMETHEUS_MULTIPROC_DIR is used as given
+   (BentoML ignored it); otherwise each server makes a temporary one and removes it on exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,12 +55,36 @@ def install() -> None:
     _disarm_request_timers()
     _refuse_unknown_input_fields()
     _explain_hub_download_failures()
+    _give_each_server_its_own_metrics_directory()
 
 
 def _fixed_already(owner: type) -> bool:
     """Whether an earlier install() fixed this class: its own mark, not one inherited (IORootModel,
     fixed first, is a subclass of IODescriptor, fixed later)."""
     return "_glm4v_fixed" in vars(owner)
+
+
+def _give_each_server_its_own_metrics_directory() -> None:
+    """Called by `bentoml serve` before it starts its workers, which inherit the directory."""
+    import bentoml.serving
+
+    shared = bentoml.serving.ensure_prometheus_dir
+    if getattr(shared, "_glm4v_fixed", False):
+        return
+
+    def ensure_prometheus_dir(directory: str | None = None, clean: bool = True, use_alternative: bool = True) -> str:
+        if directory is None:
+            directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _temporary_metrics_directory()
+        return shared(directory, clean=clean, use_alternative=use_alternative)
+
+    ensure_prometheus_dir._glm4v_fixed = True
+    bentoml.serving.ensure_prometheus_dir = ensure_prometheus_dir
+
+
+def _temporary_metrics_directory() -> str:
+    directory = tempfile.mkdtemp(prefix="glm4v-bento-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 def _explain_hub_download_failures() -> None:

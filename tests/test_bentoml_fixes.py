@@ -1,7 +1,9 @@
 """The BentoML fixes: root-model schemas are generated once and handed out as copies; inputs
-refuse fields their API does not have."""
+refuse fields their API does not have; each server keeps its metrics in a directory of its own."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,19 @@ def test_inputs_built_from_a_signature_refuse_other_fields_and_root_inputs_stay_
     root = IODescriptor.from_input(root_api)
     assert root.model_validate([1, 2]).root == [1, 2]
     assert IODescriptor.model_config.get("extra") is None  # the base, and other models, are untouched
+
+
+def test_each_server_gets_a_metrics_directory_of_its_own_unless_one_is_named(monkeypatch, tmp_path):
+    import bentoml.serving
+
+    bentoml_fixes.install()
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    first, second = bentoml.serving.ensure_prometheus_dir(), bentoml.serving.ensure_prometheus_dir()
+    assert first != second
+    assert all(Path(d).is_dir() and not any(Path(d).iterdir()) for d in (first, second))
+    named = tmp_path / "metrics"
+    named.mkdir()
+    (named / "counter_1.db").write_bytes(b"stale")  # left by a server that ran before
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(named))
+    assert bentoml.serving.ensure_prometheus_dir() == str(named)
+    assert not any(named.iterdir())  # emptied, as BentoML empties its own

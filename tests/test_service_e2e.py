@@ -295,6 +295,18 @@ def test_service_metrics_on_the_metrics_endpoint(server):
         assert f'glm4v_decode_fast_path{{path="{path}"}} 0.0' in lines, path
 
 
+def test_a_second_server_on_the_machine_leaves_this_ones_metrics_alone(server, tiny_model_dir, tmp_path):
+    """Two servers on one machine (one per GPU, say) share BENTOML_HOME; each /metrics counts its own work."""
+    image = encode(make_image(30, 30))
+    post_inference(server.url, image, greedy("before the second starts", 5))
+    before = _metric(server.url, "glm4v_generated_tokens_total")
+    assert before >= 5
+    with Server(tiny_model_dir, tmp_path / "second.log") as second:
+        post_inference(server.url, image, greedy("after the second started", 7))
+        assert _metric(server.url, "glm4v_generated_tokens_total") == before + 7
+        assert _metric(second.url, "glm4v_generated_tokens_total") == 0
+
+
 def test_deterministic_answers_come_from_the_result_cache(server):
     image = encode(make_image(44, 44, (1, 2, 3)))
     request = {"text_prompt": "cache me", "max_tokens": 9, "ignore_eos": True}
