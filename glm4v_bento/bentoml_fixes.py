@@ -1,4 +1,4 @@
-"""Six fixes to BentoML (1.4) behaviour, installed once when the service module loads.
+"""Seven fixes to BentoML (1.4) behaviour, installed once when the service module loads.
 
 1. File fields take uploaded files only, and a malformed multipart body (no boundary, say) is
    a 400, not a 500. BentoML's multipart parser treats a *text* value
@@ -30,6 +30,10 @@
    (one per GPU, say) silently cut the first off from its own metrics: each /metrics then
    showed the other's counts. A directory named by PROMETHEUS_MULTIPROC_DIR is used as given
    (BentoML ignored it); otherwise each server makes a temporary one and removes it on exit.
+7. The service's one worker sees the GPUs the server was started with (CUDA_VISIBLE_DEVICES
+   chooses them). BentoML's GPU allocation showed it only the first GPU, so GLM4V_DEVICE=cuda:1
+   failed and a GLM4V_DEVICE_MAP meant to spread the model over several GPUs put all but the
+   first GPU's share on the CPU, slowly and without a word.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def install() -> None:
     _refuse_unknown_input_fields()
     _explain_hub_download_failures()
     _give_each_server_its_own_metrics_directory()
+    # Read by `bentoml serve` when it starts the worker; a value already set is kept.
+    os.environ.setdefault("BENTOML_DISABLE_GPU_ALLOCATION", "1")
 
 
 def _fixed_already(owner: type) -> bool:

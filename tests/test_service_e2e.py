@@ -13,6 +13,7 @@ from pathlib import Path
 
 import bentoml
 import httpx
+import psutil
 import pytest
 import requests
 from conftest import encode, make_image
@@ -305,6 +306,18 @@ def test_a_second_server_on_the_machine_leaves_this_ones_metrics_alone(server, t
         post_inference(server.url, image, greedy("after the second started", 7))
         assert _metric(server.url, "glm4v_generated_tokens_total") == before + 7
         assert _metric(second.url, "glm4v_generated_tokens_total") == 0
+
+
+def test_the_worker_sees_the_gpus_the_server_was_started_with(tiny_model_dir, tmp_path, monkeypatch):
+    """BentoML showed the service's one worker only the first GPU (CUDA_VISIBLE_DEVICES=0, set on a
+    CPU-only machine too): GLM4V_DEVICE=cuda:1 or a GLM4V_DEVICE_MAP over several GPUs could not work."""
+    for name in ("CUDA_VISIBLE_DEVICES", "BENTOML_DISABLE_GPU_ALLOCATION"):  # as a plain shell starts it
+        monkeypatch.delenv(name, raising=False)
+    with Server(tiny_model_dir, tmp_path / "serve.log") as server:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        workers = [p for p in children if any("_bentoml_impl.worker" in part for part in p.cmdline())]
+        assert len(workers) == 1
+        assert "CUDA_VISIBLE_DEVICES" not in workers[0].environ()
 
 
 def test_deterministic_answers_come_from_the_result_cache(server):
