@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from glm4v_bento.config import SettingsError
+
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from glm4v_bento.tiny import build_tiny_model
@@ -180,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

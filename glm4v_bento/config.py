@@ -6,10 +6,11 @@ Each field is read from the environment variable ``GLM4V_<FIELD NAME IN CAPITALS
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "zai-org/GLM-4.1V-9B-Thinking"
@@ -26,7 +27,7 @@ class Settings(BaseSettings):
         description="Hugging Face model id or local checkpoint directory.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1'...")
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="'auto' picks bfloat16 on CUDA (float16 on GPUs without native bfloat16: V100, T4) "
@@ -141,6 +142,20 @@ class Settings(BaseSettings):
     )
     image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit for fetching one image URL.")
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device here: use 'auto', 'cpu', 'cuda' or 'cuda:N' (a GPU's index)")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
     @field_validator("image_url_allowed_hosts", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object, info) -> object:
@@ -176,7 +191,30 @@ class Settings(BaseSettings):
         return self
 
 
+class SettingsError(ValueError):
+    """GLM4V_* variables whose values cannot be used, each named as it was set, in one line."""
+
+
+_SECRET_SETTINGS = frozenset({"api_keys", "redis_url"})  # a Redis URL may carry a password
+
+
+def settings_error(error: ValidationError) -> SettingsError:
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a rule across fields names them itself
+            problems.append(message)
+            continue
+        field = str(item["loc"][0])  # named by its environment variable, as the user set it
+        value = " (value not shown)" if field in _SECRET_SETTINGS else f"={item['input']!r}"
+        problems.append(f"GLM4V_{field.upper()}{value}: {message}")
+    return SettingsError("; ".join(problems))
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise settings_error(exc) from None

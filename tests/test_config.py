@@ -49,6 +49,49 @@ def test_device_and_dtype_resolution():
             resolve_device("cuda")
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CUDA", ""])
+def test_a_device_the_engine_cannot_use_is_refused_when_the_settings_are_read(device):
+    from pydantic import ValidationError
+
+    from glm4v_bento.config import Settings
+
+    with pytest.raises(ValidationError, match="'cuda:N'"):
+        Settings(device=device)
+    assert Settings(device="cuda:1").device == "cuda:1"
+
+
+def test_bad_settings_are_named_by_their_environment_variables_in_one_line(monkeypatch):
+    from glm4v_bento.config import SettingsError, get_settings
+
+    monkeypatch.setenv("GLM4V_DEVICE", "gpu")
+    monkeypatch.setenv("GLM4V_MAX_BATCH_SIZE", "lots")
+    monkeypatch.setenv("GLM4V_REDIS_URL", "http://:hunter2@cache:6379/0")  # a password: never echoed
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SettingsError) as info:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "GLM4V_DEVICE='gpu': 'gpu' is not a device here" in message
+    assert "GLM4V_MAX_BATCH_SIZE='lots': Input should be a valid integer" in message
+    assert "GLM4V_REDIS_URL (value not shown): must start with redis://" in message
+    assert "hunter2" not in message
+
+
+def test_a_gpu_index_past_the_visible_gpus_is_a_clear_load_error(monkeypatch):
+    import torch
+
+    from glm4v_bento.engine.loader import ModelLoadError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ModelLoadError, match=r"sees 2 GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
 def test_missing_local_model_gives_a_clear_error(tmp_path):
     from glm4v_bento.engine import ModelLoadError, load_model
 
@@ -71,3 +114,32 @@ def test_auto_dtype_on_a_gpu_without_native_bfloat16_is_float16_with_a_warning(
     assert resolve_dtype("auto", torch.device("cuda")) == getattr(torch, expected)
     assert ("no native bfloat16" in caplog.text) == (expected == "float16")
     assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16  # asked for: as asked
+
+
+def test_bentoml_serve_with_a_bad_setting_stops_with_its_name_on_the_last_line(tiny_model_dir, tmp_path):
+    from glm4v_bento.devserver import Server
+
+    server = Server(tiny_model_dir, tmp_path / "serve.log", GLM4V_DEVICE="gpu", GLM4V_MAX_LATENCY_MS="-5")
+    try:
+        with pytest.raises(RuntimeError, match="bentoml serve exited with 1"):
+            server.wait_ready(timeout=120)
+        last_line = server.log().strip().splitlines()[-1]
+    finally:
+        server.stop()
+    assert last_line.startswith("glm4v_bento.config.SettingsError: GLM4V_DEVICE='gpu'")
+    assert last_line.endswith("; GLM4V_MAX_LATENCY_MS='-5': Input should be greater than or equal to 1")
+
+
+def test_the_command_line_reports_a_bad_setting_in_one_line(monkeypatch, capsys):
+    from glm4v_bento import cli
+    from glm4v_bento.config import get_settings
+
+    monkeypatch.setenv("GLM4V_DTYPE", "fp8")
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["build"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert capsys.readouterr().err == (
+        "error: GLM4V_DTYPE='fp8': Input should be 'auto', 'bfloat16', 'float16' or 'float32'\n"
+    )
