@@ -30,11 +30,15 @@ def _generate(args: argparse.Namespace) -> int:
     from glm4v_bento.config import get_settings
     from glm4v_bento.engine import Engine, GenerationRequest, ModelLoadError, SamplingParams
     from glm4v_bento.images import ImageError, ImageLimits, load_image
+    from glm4v_bento.model_source import ModelSource
 
     settings = get_settings()
     if args.model:
         settings = settings.model_copy(update={"model": args.model})
+    source = ModelSource.from_settings(settings)
     try:
+        if source.kind == "local":
+            source.checked_directory()
         limits = ImageLimits.from_settings(settings)
         images = [load_image(Path(path).read_bytes(), limits) for path in args.image]
     except (OSError, ImageError) as exc:

@@ -1,7 +1,8 @@
 """Where the model comes from: a local directory, a Hugging Face id, or a BentoML model-store tag.
 
 ``GLM4V_MODEL`` is read as:
-- a local directory when it exists, or looks like a path (starts with ``/``, ``.`` or ``~``);
+- a local directory when it exists, or looks like a path (starts with ``/``, ``.`` or ``~``),
+  checked when the service is defined (a directory holding config.json);
 - a Hugging Face id when it has the ``org/name`` form;
 - otherwise a BentoML model-store tag (``name`` or ``name:version``), as written by
   ``glm4v-bento import-model``.
@@ -31,7 +32,7 @@ class ModelSource:
     @classmethod
     def parse(cls, model: str, revision: str | None = None) -> ModelSource:
         path = Path(model).expanduser()
-        if path.is_dir() or model.startswith(("/", ".", "~")):
+        if path.exists() or model.startswith(("/", ".", "~")):
             return cls("local", str(path), None)
         if model.count("/") == 1 and ":" not in model:
             return cls("hub", model, revision)
@@ -49,14 +50,25 @@ class ModelSource:
             return bentoml.models.HuggingFaceModel(self.ref, revision=self.revision or "main")
         if self.kind == "store":
             return bentoml.models.BentoModel(self.ref)
+        self.checked_directory()  # when the service is defined: a wrong path stops the server at once
         return None
+
+    def checked_directory(self) -> str:
+        """A local model's directory, once it is seen to be a checkpoint (a directory with config.json)."""
+        path = Path(self.ref)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"GLM4V_MODEL={self.ref!r} is not a directory; a local model is a checkpoint directory "
+                "(config.json, weights, tokenizer)"
+            )
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"GLM4V_MODEL={self.ref!r} has no config.json: it is not a checkpoint directory")
+        return self.ref
 
     def local_path(self, declared: Any) -> str:
         """The directory to load from, given what ``bentoml_model`` declared (resolved by BentoML)."""
         if self.kind == "local":
-            if not Path(self.ref).is_dir():
-                raise FileNotFoundError(f"GLM4V_MODEL={self.ref!r} is not a directory")
-            return self.ref
+            return self.checked_directory()
         if self.kind == "store":
             return str(declared.path)
         return str(declared)

@@ -21,6 +21,23 @@ def test_path_like_values_are_local_even_if_missing(path):
     assert source.kind == "local"
     with pytest.raises(FileNotFoundError, match="not a directory"):
         source.local_path(None)
+    with pytest.raises(FileNotFoundError, match="not a directory"):  # when the service is defined
+        source.bentoml_model()
+
+
+def test_an_existing_file_is_a_local_path_and_not_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.md").write_text("not a model")
+    source = ModelSource.parse("notes.md")  # before: read as a model-store tag, "not found locally"
+    assert source.kind == "local"
+    with pytest.raises(FileNotFoundError, match=r"'notes\.md' is not a directory; a local model is a checkpoint"):
+        source.bentoml_model()
+
+
+def test_a_directory_without_config_json_is_not_a_checkpoint(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        ModelSource.parse(str(tmp_path)).bentoml_model()
+    assert ModelSource.parse(str(tiny_model_dir)).bentoml_model() is None
 
 
 def test_org_slash_name_is_a_hub_id():
@@ -93,3 +110,22 @@ def test_serving_a_hub_model_that_cannot_be_fetched_stops_with_one_clear_message
     assert last_line.startswith("glm4v_bento.model_source.ModelDownloadError: cannot fetch GLM4V_MODEL=")
     assert "HF_HUB_OFFLINE is set and the local cache has no copy" in last_line
     assert log.count("Traceback") == 1  # the download's own chained tracebacks are left out
+
+
+def test_the_command_line_names_a_model_path_that_is_no_checkpoint(capsys):
+    from glm4v_bento import cli
+
+    assert cli.main(["generate", "--model", "/nonexistent/model", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.startswith("error: GLM4V_MODEL='/nonexistent/model' is not a directory")
+
+
+def test_serving_a_model_path_that_is_no_checkpoint_stops_at_once_with_one_clear_message(tmp_path):
+    server = Server(tmp_path, tmp_path / "serve.log")  # a directory, but no config.json in it
+    try:
+        with pytest.raises(RuntimeError, match="bentoml serve exited with 1"):
+            server.wait_ready(timeout=120)
+        last_line = server.log().strip().splitlines()[-1]
+    finally:
+        server.stop()
+    expected = f"GLM4V_MODEL={str(tmp_path)!r} has no config.json: it is not a checkpoint directory"
+    assert last_line == f"FileNotFoundError: {expected}"
