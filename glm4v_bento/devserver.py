@@ -74,6 +74,19 @@ class Server:
             time.sleep(0.2)
         raise TimeoutError(f"server did not {what} within {timeout:.0f} s:\n{self.log()}")
 
+    def failed_start_log(self, timeout: float = 120.0) -> str:
+        """For a server that should stop while starting: its log once it has exited."""
+        try:
+            self.wait_ready(timeout)
+            started = True
+        except RuntimeError:  # the process exited
+            started = False
+        log = self.log()
+        self.stop()
+        if started or self.process.returncode == 0:
+            raise AssertionError(f"bentoml serve did not fail (exit status {self.process.returncode}):\n{log}")
+        return log
+
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
