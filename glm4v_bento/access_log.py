@@ -18,6 +18,16 @@ from glm4v_bento.http_limits import ASGIApp, Message, Receive, Scope, Send, is_i
 logger = logging.getLogger("glm4v.access")
 _stats: contextvars.ContextVar[dict | None] = contextvars.ContextVar("glm4v_request_stats", default=None)
 SKIP_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/healthz"})
+# The id the server gave the request: BentoML's on its APIs, the completion's on the OpenAI route.
+_ID_HEADERS = frozenset({b"x-bentoml-request-id", b"x-request-id"})
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    """The X-Request-ID the caller (or a gateway such as Envoy) sent, to follow a request across hops."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"x-request-id":
+            return value.decode("latin-1")[:128]
+    return None
 
 
 def configure(stream=None) -> None:
@@ -63,7 +73,7 @@ class JsonAccessLog:
             if message["type"] == "http.response.start":
                 response["status"] = message["status"]
                 for name, value in message.get("headers", ()):
-                    if name.lower() == b"x-bentoml-request-id":
+                    if name.lower() in _ID_HEADERS:
                         response["request_id"] = value.decode()
             await send(message)
 
@@ -75,6 +85,7 @@ class JsonAccessLog:
                 "request",
                 extra={
                     "request_id": response["request_id"],
+                    "client_request_id": _client_request_id(scope),
                     "key_id": (scope.get("state") or {}).get("glm4v_key_id"),
                     "method": scope.get("method"),
                     "route": scope["path"],

@@ -93,8 +93,14 @@ def create_routes(
         return JSONResponse(model_card())
 
     async def chat_completions(request: Request) -> Response:
-        host = get_host()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        response = await answer(request, completion_id)
+        # What the openai client reads as `_request_id`; the access log records it too.
+        response.headers["x-request-id"] = completion_id
+        return response
+
+    async def answer(request: Request, completion_id: str) -> Response:
+        host = get_host()
         try:
             body = await _parse(request)
             if body.model != served_model:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import openai
 import pytest
@@ -23,6 +24,21 @@ def infer(url: str, key: str | None = None, tokens: int = 3) -> requests.Respons
         "request_data": (None, json.dumps({"text_prompt": "x", "max_tokens": tokens})),
     }
     return requests.post(f"{url}/v1/vision/inference", files=files, headers=headers, timeout=60)
+
+
+def access_lines(server: Server, until: Callable[[list[dict]], bool]) -> list[dict]:
+    """The server's access-log lines once ``until`` holds for them (or after 10 s): a request's line
+    is written just after its response has gone out, so it may come a moment after the client's read."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{") and '"route"' in line]
+        if until(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def any_with(lines: list[dict], request_id: str) -> bool:
+    return any(line.get("request_id") == request_id for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +130,24 @@ def test_one_json_log_line_per_request_without_prompts_or_keys(keyed):
     response = requests.post(f"{keyed.url}/v1/vision/inference", files=files, headers=headers, timeout=60)
     request_id = response.json()["request_id"]
     infer(keyed.url, "sk-wrong")
-    lines = [json.loads(line) for line in keyed.log().splitlines() if line.startswith("{") and '"route"' in line]
+    lines = access_lines(keyed, lambda lines: any_with(lines, request_id) and lines[-1]["status"] == 401)
     [mine] = [line for line in lines if line.get("request_id") == request_id]
     assert mine["route"] == "/v1/vision/inference" and mine["status"] == 200 and mine["method"] == "POST"
     assert mine["key_id"] == key_id(KEY) and mine["completion_tokens"] == 5 and mine["prompt_tokens"] > 0
     assert mine["duration_s"] > 0 and mine["finish_reason"] == "length"
     assert any(line["status"] == 401 and line["key_id"] is None for line in lines)
     assert secret_prompt not in keyed.log()
+
+
+def test_log_lines_carry_the_servers_request_id_and_the_one_a_gateway_sent(keyed):
+    client = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0)
+    completion = client.chat.completions.create(
+        model="glm4v-tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        extra_headers={"X-Request-ID": "envoy-7d1c"},
+    )
+    lines = access_lines(keyed, lambda lines: any_with(lines, completion.id))
+    [mine] = [line for line in lines if line.get("request_id") == completion.id]
+    assert mine["client_request_id"] == "envoy-7d1c"
+    assert mine["route"] == "/v1/chat/completions" and mine["completion_tokens"] == 4

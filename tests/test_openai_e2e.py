@@ -58,6 +58,16 @@ def test_models_lists_the_served_model(client):
         client.models.retrieve("gpt-4o")
 
 
+def test_each_answer_carries_its_id_where_the_client_looks_for_a_request_id(client):
+    completion = client.chat.completions.create(model=MODEL, messages=[user("x", image=False)], max_tokens=2)
+    assert completion.id.startswith("chatcmpl-") and completion._request_id == completion.id
+    stream = client.chat.completions.create(model=MODEL, messages=[user("x", image=False)], max_tokens=2, stream=True)
+    assert stream.response.headers["x-request-id"] == next(iter(stream)).id
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[user("x")], max_tokens=2, temperature=9)
+    assert info.value.request_id.startswith("chatcmpl-")  # an error too, to quote when reporting it
+
+
 def test_a_body_that_is_not_an_object_is_named_as_such(server):
     response = httpx.post(f"{server.url}/v1/chat/completions", json=[{"role": "user"}], timeout=30)
     assert response.status_code == 400
