@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import json
 import re
@@ -99,6 +100,23 @@ def test_bentoml_async_client(server):
     assert first["usage"]["completion_tokens"] == 3
     assert second["usage"]["completion_tokens"] == 4
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]  # two images' tokens
+
+
+def test_bentoml_client_with_an_image_made_in_memory_uses_the_batch_api(server):
+    """The README's way for images made in memory: BentoML's client sends `generate`'s files from
+    their file objects, which such an image lacks; `generate_batch` takes them base64-encoded."""
+    picture = base64.b64encode(encode(make_image(40, 30))).decode()
+    params = {"max_new_tokens": 3, "ignore_eos": True}
+    with bentoml.SyncHTTPClient(server.url) as client:
+        with_image, text_only = client.generate_batch(
+            items=[
+                {"request_id": "pic", "images_b64": [picture], "prompt": "what is it?", "params": params},
+                {"request_id": "text", "prompt": "what is it?", "params": params},
+            ]
+        )
+    assert [with_image["status"], text_only["status"]] == [200, 200]
+    assert with_image["result"]["usage"]["completion_tokens"] == 3
+    assert with_image["result"]["usage"]["prompt_tokens"] > text_only["result"]["usage"]["prompt_tokens"]
 
 
 def _batch_size_histogram(url: str) -> dict[float, float]:
