@@ -8,6 +8,7 @@ by the adaptive batcher into one engine batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 import uuid
@@ -60,6 +61,9 @@ from glm4v_bento.streaming import ndjson_events
 
 settings = settings_inside_bento(get_settings(), Path(__file__).resolve().parent)
 bentoml_fixes.install()
+# The engine's progress (loading, compiling, warm-up, "model ready") at BentoML's own verbosity:
+# the root logger BentoML sets up passes on warnings only, and the start could look stuck.
+logging.getLogger("glm4v_bento").setLevel(logging.getLogger("bentoml").getEffectiveLevel())
 source = ModelSource.from_settings(settings)
 api_keys = load_keys(settings.api_keys, settings.api_keys_file)
 limiter = RateLimiter(

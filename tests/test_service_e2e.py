@@ -80,6 +80,13 @@ def test_request_data_is_optional(server):
     assert response.json()["status"] == "success"
 
 
+def test_the_server_log_shows_the_model_loading_and_becoming_ready(server):
+    """What an operator watches during a start that takes minutes on a GPU (download, load, compile)."""
+    log = server.log_path.read_text(errors="replace")
+    for step in ("loading ", "loaded ", "warm-up done in", "model ready after"):
+        assert re.search(rf"\[INFO\] \[entry_service:glm4v:1\] {step}", log), step
+
+
 def test_bentoml_sync_client(server):
     with bentoml.SyncHTTPClient(server.url) as client:
         result = client.generate(prompt="hello", images=[HOUSE], params={"max_new_tokens": 6, "ignore_eos": True})
