@@ -67,7 +67,9 @@ logging.getLogger("glm4v_bento").setLevel(logging.getLogger("bentoml").getEffect
 source = ModelSource.from_settings(settings)
 api_keys = load_keys(settings.api_keys, settings.api_keys_file)
 limiter = RateLimiter(
-    RedisBuckets(settings.redis_url) if settings.redis_url else MemoryBuckets(),
+    RedisBuckets(settings.redis_url, on_failure=lambda: get_metrics().redis_failures.labels("rate_limit").inc())
+    if settings.redis_url
+    else MemoryBuckets(),
     requests_per_minute=settings.rate_limit_rpm,
     tokens_per_minute=settings.rate_limit_tpm,
 )
@@ -152,7 +154,11 @@ class GLM4V:
         self.host.drain_on_sigterm(settings.shutdown_grace_s)
         if settings.result_cache_bytes > 0:
             self.host.cache = (
-                RedisResultCache(settings.redis_url, settings.result_cache_ttl_s)
+                RedisResultCache(
+                    settings.redis_url,
+                    settings.result_cache_ttl_s,
+                    on_failure=lambda: self.metrics.redis_failures.labels("result_cache").inc(),
+                )
                 if settings.redis_url
                 else MemoryResultCache(settings.result_cache_bytes)
             )

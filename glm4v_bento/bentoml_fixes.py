@@ -17,7 +17,9 @@
    request is answered, so every request is held in memory until its timeout (600 s here)
    has passed: under load, gigabytes. Here the timer is cancelled when the request ends;
    the behaviour is otherwise the same (504 if no response has started in time), except
-   that the OpenAI routes answer it in OpenAI's error shape, as their other errors.
+   that the OpenAI routes answer it in OpenAI's error shape, as their other errors, and that
+   a request whose handling fails before answering gets its 500 at once: BentoML's version
+   waited out the whole timeout and then closed the connection without a response.
 4. An API's inputs refuse fields it does not have (a 400 naming them). BentoML's input models
    ignored them, so `{"prompt": ..., "max_new_tokens": 3}` to /generate (where the length goes
    in `params`) ran to the default length, the client's limit dropped without a word.
@@ -187,6 +189,9 @@ def _disarm_request_timers() -> None:
             await send(message)
 
         handling = asyncio.ensure_future(self.app(scope, receive, watching_send))
+        # An app that ends without answering (it raised) ends the wait too, so its error reaches the
+        # server (a 500, logged) at once; BentoML's version waited out the timeout, then dropped it.
+        handling.add_done_callback(lambda _: started.done() or started.set_result(None))
         try:
             await started
         except TimeoutError:

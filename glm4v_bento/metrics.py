@@ -41,6 +41,9 @@ class ServiceMetrics:
         self.requests = Counter("glm4v_requests", "Finished generations by finish reason", ["finish_reason"])
         self.cache = Counter("glm4v_result_cache", "Result cache lookups", ["outcome"])
         self.rejections = Counter("glm4v_rejections", "Requests refused, by reason", ["reason"])
+        self.redis_failures = Counter(
+            "glm4v_redis_failures", "Calls to Redis that failed (the request went on without it), by use", ["use"]
+        )
         self.decode_path = Gauge(
             "glm4v_decode_fast_path",
             "1 while decode steps use it: compiled (torch.compile) or cuda_graphs; 0 if off or turned off",

@@ -22,6 +22,7 @@ from typing import Protocol
 import anyio
 
 from glm4v_bento.http_limits import ASGIApp, Receive, Scope, Send, is_internal, reply_error
+from glm4v_bento.redis_guard import RedisGuard
 
 # Charges to remote buckets, made in order off the event loop.
 _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-rate-limit")
@@ -94,14 +95,16 @@ return {allowed, tostring(tokens)}
 
 
 class RedisBuckets:
-    """Buckets shared by every replica that uses the same Redis."""
+    """Buckets shared by every replica that uses the same Redis. While Redis cannot be reached,
+    every request is let in (see redis_guard)."""
 
-    def __init__(self, url: str, prefix: str = "glm4v:rl:") -> None:
+    def __init__(self, url: str, prefix: str = "glm4v:rl:", on_failure: Callable[[], None] | None = None) -> None:
         import redis
 
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._script = self._redis.register_script(_LUA)
         self._prefix = prefix
+        self._guard = RedisGuard("rate limits", "Rate limits are not enforced", on_failure)
 
     def _run(self, key: str, capacity: float, per_second: float, cost: float, conditional: bool) -> tuple[bool, float]:
         now = self._redis.time()  # one clock for every replica
@@ -112,11 +115,11 @@ class RedisBuckets:
         return bool(allowed), float(tokens)
 
     def take(self, key: str, capacity: float, per_second: float, cost: float) -> Decision:
-        allowed, tokens = self._run(key, capacity, per_second, cost, True)
+        allowed, tokens = self._guard.call(lambda: self._run(key, capacity, per_second, cost, True), (True, 0.0))
         return Decision(True) if allowed else Decision(False, (max(cost, 1e-9) - tokens) / per_second)
 
     def charge(self, key: str, capacity: float, per_second: float, cost: float) -> None:
-        self._run(key, capacity, per_second, cost, False)
+        self._guard.call(lambda: self._run(key, capacity, per_second, cost, False), None)
 
 
 class RateLimiter:

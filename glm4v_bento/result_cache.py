@@ -12,9 +12,11 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from glm4v_bento.engine import GenerationResult, SamplingParams
+from glm4v_bento.redis_guard import RedisGuard
 
 
 def is_deterministic(params: SamplingParams) -> bool:
@@ -86,18 +88,22 @@ class MemoryResultCache:
 
 
 class RedisResultCache:
-    """Shared by every replica using the same Redis; entries expire after ``ttl_s``."""
+    """Shared by every replica using the same Redis; entries expire after ``ttl_s``. While Redis
+    cannot be reached, every lookup misses and nothing is stored (see redis_guard)."""
 
-    def __init__(self, url: str, ttl_s: int, prefix: str = "glm4v:cache:") -> None:
+    def __init__(
+        self, url: str, ttl_s: int, prefix: str = "glm4v:cache:", on_failure: Callable[[], None] | None = None
+    ) -> None:
         import redis
 
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._ttl = ttl_s
         self._prefix = prefix
+        self._guard = RedisGuard("result cache", "Every request is generated, none is cached", on_failure)
 
     def get(self, key: str) -> GenerationResult | None:
-        blob = self._redis.get(self._prefix + key)
+        blob = self._guard.call(lambda: self._redis.get(self._prefix + key), None)
         return GenerationResult.model_validate_json(blob) if blob else None
 
     def put(self, key: str, result: GenerationResult) -> None:
-        self._redis.set(self._prefix + key, result.model_dump_json(), ex=self._ttl)
+        self._guard.call(lambda: self._redis.set(self._prefix + key, result.model_dump_json(), ex=self._ttl), None)

@@ -65,3 +65,38 @@ def test_each_server_gets_a_metrics_directory_of_its_own_unless_one_is_named(mon
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(named))
     assert bentoml.serving.ensure_prometheus_dir() == str(named)
     assert not any(named.iterdir())  # emptied, as BentoML empties its own
+
+
+def test_a_request_whose_handling_fails_before_answering_fails_at_once_not_at_the_timeout():
+    import asyncio
+    import time
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    bentoml_fixes.install()
+
+    async def failing(scope, receive, send):
+        raise ConnectionError("the rate limiter's Redis is down")
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(30)
+
+    async def call(app, timeout: float) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": "/v1/chat/completions", "headers": []}
+        await TimeoutMiddleware(app, timeout=timeout)(scope, receive, send)
+        return sent
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="Redis is down"):  # the server turns it into a logged 500
+        asyncio.run(call(failing, timeout=20))
+    assert time.monotonic() - started < 5
+    sent = asyncio.run(call(slow, timeout=0.2))
+    assert sent[0]["status"] == 504
