@@ -29,6 +29,7 @@ from glm4v_bento import access_log, bentoml_fixes
 from glm4v_bento.auth import ApiKeyAuth, load_keys
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
+from glm4v_bento.disconnects import CancelOnDisconnect
 from glm4v_bento.engine import EngineClosedError, GenerationResult, QueueFullError, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
 from glm4v_bento.image_urls import URLPolicy
@@ -354,7 +355,8 @@ class GLM4V:
         )
 
 
-# Outermost first: log every request, who is calling, may they call now, is it within the limits.
+# Outermost first: log every request, who is calling, may they call now, is it within the limits,
+# is its client still there.
 if settings.json_logs:
     access_log.configure()
     GLM4V.add_asgi_middleware(access_log.JsonAccessLog)
@@ -366,3 +368,4 @@ GLM4V.add_asgi_middleware(
     max_body_bytes=settings.request_body_limit,
     on_reject=_reject,
 )
+GLM4V.add_asgi_middleware(CancelOnDisconnect)

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 
+from glm4v_bento.disconnects import CLIENT_LEFT
 from glm4v_bento.engine import GenerationResult
 from glm4v_bento.http_limits import ASGIApp, Message, Receive, Scope, Send, is_internal
 
@@ -81,6 +82,8 @@ class JsonAccessLog:
             await self.app(scope, receive, watching_send)
         finally:
             _stats.reset(token)
+            if (scope.get("state") or {}).get(CLIENT_LEFT):
+                stats["client_left"] = True  # before the answer: its work was stopped
             logger.info(
                 "request",
                 extra={
