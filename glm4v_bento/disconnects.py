@@ -5,7 +5,8 @@ nobody noticed a client that gave up (its timeout, Ctrl-C, an SDK about to retry
 generation ran to its end, holding a place in the batch while the retries queued behind it.
 Here the connection is watched once the body is in, and a disconnect cancels the handling;
 the handlers turn that into cancelling their generations (RequestHandle.wait, the service's
-batcher path). Streaming responses stopped on a disconnect already; they see it through here.
+batcher path). A response that has begun is left to finish: streams stop on a disconnect
+themselves, and an answer already sent still runs its background work.
 """
 
 from __future__ import annotations
@@ -47,11 +48,20 @@ class CancelOnDisconnect:
                 watcher = asyncio.ensure_future(watch())
             return message
 
-        handling = asyncio.ensure_future(self.app(scope, app_receive, send))
+        answering = False
+
+        async def app_send(message: Message) -> None:
+            nonlocal answering
+            answering = answering or message["type"] == "http.response.start"
+            await send(message)
+
+        handling = asyncio.ensure_future(self.app(scope, app_receive, app_send))
         left = asyncio.ensure_future(gone.wait())
         try:
             await asyncio.wait({handling, left}, return_when=asyncio.FIRST_COMPLETED)
-            if not handling.done():  # the client left first: nobody is waiting for the answer
+            # Once an answer has begun, a stream sees the disconnect itself (through app_receive),
+            # and an answer already sent finishes its background work (BentoML closes the upload's files).
+            if not handling.done() and not answering:  # the client left before any answer
                 scope.setdefault("state", {})[CLIENT_LEFT] = True
                 handling.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

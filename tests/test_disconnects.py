@@ -89,6 +89,21 @@ def test_a_stream_listening_for_the_disconnect_still_hears_it():
     assert heard == ["http.disconnect"]
 
 
+def test_once_the_answer_has_begun_a_disconnect_cancels_nothing():
+    """BentoML closes an upload's files after the answer is sent, in the same call."""
+    finished = []
+
+    async def answer_then_clean_up(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        await asyncio.sleep(0.2)  # the client has its answer and leaves meanwhile
+        finished.append(True)
+
+    scope, _ = run(answer_then_clean_up, Connection(leaves_after_s=0.01))
+    assert finished == [True] and CLIENT_LEFT not in scope.get("state", {})
+
+
 def test_the_services_own_calls_are_left_to_their_caller():
     async def slow_answer(scope, receive, send):
         await receive()
