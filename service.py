@@ -368,4 +368,4 @@ GLM4V.add_asgi_middleware(
     max_body_bytes=settings.request_body_limit,
     on_reject=_reject,
 )
-GLM4V.add_asgi_middleware(CancelOnDisconnect)
+GLM4V.add_asgi_middleware(CancelOnDisconnect, on_left=lambda: get_metrics().clients_left.inc())

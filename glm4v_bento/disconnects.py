@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from glm4v_bento.http_limits import ASGIApp, Message, Receive, Scope, Send, is_internal
 
@@ -20,8 +21,10 @@ CLIENT_LEFT = "glm4v_client_left"  # set in the request's state, for the access 
 
 
 class CancelOnDisconnect:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_left: Callable[[], None] | None = None) -> None:
+        """``on_left`` is called for each request whose client left before its answer (a metric)."""
         self.app = app
+        self.on_left = on_left or (lambda: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The service's calls to its own batcher are cancelled by the request that made them.
@@ -63,6 +66,7 @@ class CancelOnDisconnect:
             # and an answer already sent finishes its background work (BentoML closes the upload's files).
             if not handling.done() and not answering:  # the client left before any answer
                 scope.setdefault("state", {})[CLIENT_LEFT] = True
+                self.on_left()
                 handling.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await handling

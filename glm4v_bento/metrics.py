@@ -41,6 +41,9 @@ class ServiceMetrics:
         self.requests = Counter("glm4v_requests", "Finished generations by finish reason", ["finish_reason"])
         self.cache = Counter("glm4v_result_cache", "Result cache lookups", ["outcome"])
         self.rejections = Counter("glm4v_rejections", "Requests refused, by reason", ["reason"])
+        self.clients_left = Counter(
+            "glm4v_clients_left", "Requests whose client went away before the answer (their generations stopped)"
+        )
         self.redis_failures = Counter(
             "glm4v_redis_failures", "Calls to Redis that failed (the request went on without it), by use", ["use"]
         )

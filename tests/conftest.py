@@ -49,6 +49,16 @@ def host_for(path: str, **overrides):
     return ModelHost(settings, source, resolve_path=lambda: source.local_path(None))
 
 
+def metric(url: str, name: str) -> float:
+    """One sample of a server's /metrics (``name`` with its labels, if any), 0 if absent."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def make_image(width: int, height: int, color=(200, 30, 30), mode: str = "RGB") -> Image.Image:
     """A picture with some structure, so different images give different features."""
     image = Image.new("RGB", (width, height), color)

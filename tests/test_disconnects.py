@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import encode, make_image
+from conftest import encode, make_image, metric
 
 from glm4v_bento.disconnects import CLIENT_LEFT, CancelOnDisconnect
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN
@@ -35,10 +35,10 @@ class Connection:
         self.sent.append(message)
 
 
-def run(app, connection: Connection, headers: list | None = None) -> tuple[dict, float]:
+def run(app, connection: Connection, headers: list | None = None, on_left=None) -> tuple[dict, float]:
     scope = {"type": "http", "path": "/v1/chat/completions", "headers": headers or []}
     started = time.monotonic()
-    asyncio.run(CancelOnDisconnect(app)(scope, connection.receive, connection.send))
+    asyncio.run(CancelOnDisconnect(app, on_left)(scope, connection.receive, connection.send))
     return scope, time.monotonic() - started
 
 
@@ -53,9 +53,10 @@ def test_a_client_that_leaves_cancels_the_handling_at_once():
             cancelled.append(True)
             raise
 
-    scope, seconds = run(slow_answer, Connection(leaves_after_s=0.1))
+    left = []
+    scope, seconds = run(slow_answer, Connection(leaves_after_s=0.1), on_left=lambda: left.append(1))
     assert cancelled == [True] and seconds < 5
-    assert scope["state"][CLIENT_LEFT] is True
+    assert scope["state"][CLIENT_LEFT] is True and left == [1]
 
 
 def test_a_client_that_stays_gets_its_answer_and_errors_still_propagate():
@@ -115,10 +116,7 @@ def test_the_services_own_calls_are_left_to_their_caller():
 
 
 def _running(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("glm4v_running_sequences "):
-            return float(line.split()[1])
-    return 0.0
+    return metric(url, "glm4v_running_sequences")
 
 
 def _give_up_on(url: str, call) -> float:
@@ -170,7 +168,9 @@ def test_native_generations_stop_when_the_client_gives_up(server):
         url = f"{server.url}/v1/vision/batch-inference"
         _leave(lambda: httpx.post(url, files=files, data={"batch_request": json.dumps(requests_)}, timeout=2))
 
+    before = metric(server.url, "glm4v_clients_left_total")
     assert _give_up_on(server.url, call) < 3
+    assert metric(server.url, "glm4v_clients_left_total") == before + 1
     deadline = time.monotonic() + 10
     while '"client_left": true' not in server.log():  # the access log line, written as the request ends
         assert time.monotonic() < deadline, server.log()

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 import requests
-from conftest import encode, make_image
+from conftest import encode, make_image, metric
 
 from glm4v_bento.devserver import Server
 
@@ -294,23 +294,16 @@ def test_text_in_a_file_field_is_refused_not_fetched(server, value):
     assert "must be an uploaded file" in response.text
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_service_metrics_on_the_metrics_endpoint(server):
-    generated = _metric(server.url, "glm4v_generated_tokens_total")
-    first_tokens = _metric(server.url, "glm4v_time_to_first_token_seconds_count")
-    invalid = _metric(server.url, 'glm4v_rejections_total{reason="invalid_request"}')
+    generated = metric(server.url, "glm4v_generated_tokens_total")
+    first_tokens = metric(server.url, "glm4v_time_to_first_token_seconds_count")
+    invalid = metric(server.url, 'glm4v_rejections_total{reason="invalid_request"}')
     body = post_inference(server.url, encode(make_image(40, 40)), greedy("count me", 17)).json()
     assert body["usage"]["completion_tokens"] == 17
     post_inference(server.url, b"not an image")
-    assert _metric(server.url, "glm4v_generated_tokens_total") == generated + 17
-    assert _metric(server.url, "glm4v_time_to_first_token_seconds_count") == first_tokens + 1
-    assert _metric(server.url, 'glm4v_rejections_total{reason="invalid_request"}') == invalid + 1
+    assert metric(server.url, "glm4v_generated_tokens_total") == generated + 17
+    assert metric(server.url, "glm4v_time_to_first_token_seconds_count") == first_tokens + 1
+    assert metric(server.url, 'glm4v_rejections_total{reason="invalid_request"}') == invalid + 1
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("glm4v_queue_depth", "glm4v_running_sequences", "glm4v_batch_occupancy_bucket",
                  "glm4v_inter_token_latency_seconds_bucket", "glm4v_prompt_tokens_total"):  # fmt: skip
@@ -325,12 +318,12 @@ def test_a_second_server_on_the_machine_leaves_this_ones_metrics_alone(server, t
     """Two servers on one machine (one per GPU, say) share BENTOML_HOME; each /metrics counts its own work."""
     image = encode(make_image(30, 30))
     post_inference(server.url, image, greedy("before the second starts", 5))
-    before = _metric(server.url, "glm4v_generated_tokens_total")
+    before = metric(server.url, "glm4v_generated_tokens_total")
     assert before >= 5
     with Server(tiny_model_dir, tmp_path / "second.log") as second:
         post_inference(server.url, image, greedy("after the second started", 7))
-        assert _metric(server.url, "glm4v_generated_tokens_total") == before + 7
-        assert _metric(second.url, "glm4v_generated_tokens_total") == 0
+        assert metric(server.url, "glm4v_generated_tokens_total") == before + 7
+        assert metric(second.url, "glm4v_generated_tokens_total") == 0
 
 
 def test_the_worker_sees_the_gpus_the_server_was_started_with(tiny_model_dir, tmp_path, monkeypatch):
@@ -348,12 +341,12 @@ def test_the_worker_sees_the_gpus_the_server_was_started_with(tiny_model_dir, tm
 def test_deterministic_answers_come_from_the_result_cache(server):
     image = encode(make_image(44, 44, (1, 2, 3)))
     request = {"text_prompt": "cache me", "max_tokens": 9, "ignore_eos": True}
-    hits = _metric(server.url, 'glm4v_result_cache_total{outcome="hit"}')
+    hits = metric(server.url, 'glm4v_result_cache_total{outcome="hit"}')
     first = post_inference(server.url, image, request).json()
     second = post_inference(server.url, image, request).json()
     assert (first["cached"], second["cached"]) == (False, True)
     assert second["text"] == first["text"] and second["usage"] == first["usage"]
-    assert _metric(server.url, 'glm4v_result_cache_total{outcome="hit"}') == hits + 1
+    assert metric(server.url, 'glm4v_result_cache_total{outcome="hit"}') == hits + 1
     opted_out = post_inference(server.url, image, {**request, "cache": False}).json()
     assert opted_out["cached"] is False and opted_out["text"] == first["text"]
     other_image = post_inference(server.url, encode(make_image(44, 44, (9, 9, 9))), request).json()
