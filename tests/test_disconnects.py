@@ -121,7 +121,15 @@ def _running(url: str) -> float:
 
 def _give_up_on(url: str, call) -> float:
     """Make the call, which gives up after 2 s; return how long the server's generations ran on after that."""
-    caller = threading.Thread(target=call)
+    errors: list[BaseException] = []
+
+    def calling() -> None:
+        try:
+            call()
+        except BaseException as exc:  # raised again below, in the test's thread
+            errors.append(exc)
+
+    caller = threading.Thread(target=calling)
     caller.start()
     # Fails where the request never started generating (for a reason other than the fix).
     deadline = time.monotonic() + 10
@@ -129,6 +137,8 @@ def _give_up_on(url: str, call) -> float:
         assert time.monotonic() < deadline, "the request did not start"
         time.sleep(0.05)
     caller.join()
+    if errors:
+        raise errors[0]
     left = time.monotonic()
     while _running(url) > 0 and time.monotonic() - left < 60:
         time.sleep(0.05)
