@@ -136,11 +136,12 @@ class ModelHost:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._ready.is_set() and self.alive
 
     @property
     def alive(self) -> bool:
-        return self.error is None
+        """False once the model failed to load or the engine stopped: the orchestrator should restart us."""
+        return self.error is None and (self.engine is None or self.engine.failure is None)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -370,11 +371,15 @@ class ModelHost:
     def not_ready_message(self) -> str:
         if self.error:
             return "the model failed to load; see the server log"
+        if not self.alive:
+            return "the engine stopped after an internal error; see the server log (the server needs a restart)"
         return "the model is still loading; retry shortly"
 
     def health(self) -> HealthResponse:
         engine = self.engine
         status = "healthy" if engine is not None else ("unhealthy" if self.error else "loading")
+        if not self.alive:
+            status = "unhealthy"
         return HealthResponse(
             status=status,
             model_loaded=engine is not None,
@@ -382,7 +387,7 @@ class ModelHost:
             queue_depth=engine.queue_depth if engine else 0,
             running=engine.running if engine else 0,
             timestamp=now_iso(),
-            error=self.not_ready_message() if self.error else None,
+            error=self.not_ready_message() if not self.alive else None,
         )
 
     def model_info(self) -> dict[str, Any]:

@@ -69,6 +69,43 @@ def test_a_model_that_cannot_load_makes_the_host_unhealthy(tmp_path):
     assert outcomes[0].status == 503 and "failed to load" in outcomes[0].error
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's own error
+def test_an_engine_that_stopped_on_a_bug_makes_the_host_not_alive_so_it_is_restarted(tiny_model_dir):
+    """Before, /livez and /readyz stayed green while every request got a 503, so nothing restarted it."""
+    broken = host_for(str(tiny_model_dir))
+    assert broken.wait_ready(60), broken.error
+    assert broken.alive and broken.health().status == "healthy"
+
+    def a_bug() -> None:
+        raise RuntimeError("a bug in the scheduler's loop")
+
+    broken.engine.scheduler._drop_cancelled = a_bug  # runs in the loop at every turn
+    asyncio.run(broken.run_batch([item("x", [])]))
+    broken.engine.scheduler._thread.join(10)
+    assert not broken.alive and not broken.ready
+    health = broken.health()
+    assert health.status == "unhealthy" and "needs a restart" in health.error
+    [outcome] = asyncio.run(broken.run_batch([item("y", [])]))
+    assert outcome.status == 503 and "needs a restart" in outcome.error
+    broken.close()
+
+
+def test_a_failing_metrics_callback_does_not_stop_the_serving(tiny_model_dir, caplog):
+    host = host_for(str(tiny_model_dir))
+    assert host.wait_ready(60), host.error
+
+    def failing_metrics(running: int, waiting: int, decode_path) -> None:
+        raise RuntimeError("a bug in a metrics callback")
+
+    host.on_step = failing_metrics  # called after every step
+    for name in ("x", "y"):
+        [outcome] = asyncio.run(host.run_batch([item(name, [])]))
+        assert outcome.status == 200
+    assert host.alive
+    assert caplog.text.count("the step callback failed") == 1
+    host.close()
+
+
 def test_where_decode_is_compiled_the_warm_up_also_decodes_over_a_long_context(tiny_model_dir):
     """So that the compilations decoding needs (one row, batches, a long context) happen before
     ready, not in a request."""

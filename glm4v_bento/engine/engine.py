@@ -137,6 +137,11 @@ class Engine:
         """Requests in the running batch."""
         return self.scheduler.running
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving on its own (its scheduler died), or None while it can serve."""
+        return self.scheduler.failure
+
     def drain(self, grace_s: float) -> None:
         """Stop taking requests, let the admitted ones finish for up to ``grace_s``, end the rest."""
         self.scheduler.drain(grace_s)

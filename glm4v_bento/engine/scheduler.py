@@ -118,8 +118,11 @@ class Scheduler:
         self._prompt_builds = PromptBuilds(prompts.build, on_ready=self._wake)
         self._closed = False
         self._draining = False
+        # Why the loop stopped when nobody closed it (a bug): the engine can no longer serve.
+        self.failure: str | None = None
         # Told after every step: (rows running, requests waiting). For metrics; must be quick.
         self.on_step: Callable[[int, int], None] | None = None
+        self._told_step_failure = False
         self._thread = threading.Thread(target=self._loop, name="glm4v-scheduler", daemon=True)
         self._thread.start()
 
@@ -138,6 +141,8 @@ class Scheduler:
         Each gets a handle, or a QueueFullError if the wait queue had no room left for it."""
         outcomes: list[RequestHandle | QueueFullError] = []
         with self._cond:
+            if self.failure is not None:
+                raise EngineClosedError("the engine stopped after an internal error; the server needs a restart")
             if self._closed or self._draining:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
             now = time.perf_counter()
@@ -206,14 +211,24 @@ class Scheduler:
                 if self._running:
                     self._step()
                 if self.on_step is not None:
-                    self.on_step(len(self._running), len(self._waiting))
-        except BaseException:
+                    self._tell_step()
+        except BaseException as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
             logger.exception("the scheduler stopped unexpectedly")
             raise
         finally:
             with self._cond:  # no one may queue behind a loop that is gone
                 self._closed = True
             self._fail_everything("cancelled", None)
+
+    def _tell_step(self) -> None:
+        """A failing observer (metrics) must not stop the serving: said once, then ignored."""
+        try:
+            self.on_step(len(self._running), len(self._waiting))
+        except Exception:
+            if not self._told_step_failure:
+                self._told_step_failure = True
+                logger.exception("the step callback failed (metrics may be off); serving goes on")
 
     def _admit(self) -> list[tuple[Sequence, RequestHandle]] | None:
         """The requests to start now ([] to just keep decoding); None when shutting down."""
