@@ -377,9 +377,7 @@ class ModelHost:
 
     def health(self) -> HealthResponse:
         engine = self.engine
-        status = "healthy" if engine is not None else ("unhealthy" if self.error else "loading")
-        if not self.alive:
-            status = "unhealthy"
+        status = "unhealthy" if not self.alive else ("healthy" if engine is not None else "loading")
         return HealthResponse(
             status=status,
             model_loaded=engine is not None,
