@@ -264,6 +264,18 @@ def rotary_fused(runner: ModelRunner) -> Iterator[None]:
         runner.compiled = served_step
 
 
+@contextlib.contextmanager
+def split_attention_off(runner: ModelRunner) -> Iterator[None]:
+    """The compiled step attending with SDPA (it compiles again, as its guards see the switch
+    change), then as served. A CPU's steps are not compiled: no change there."""
+    step = runner.compiled
+    if step is None:
+        yield
+        return
+    with mock.patch.object(step, "split_attention", False):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architecture", choices=["tiny", "glm4.1v-9b"], default="tiny")
@@ -282,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         help="then profile the steps again with FlexAttention (the experiment in decode_attention.py)",
     )
     parser.add_argument(
-        "--split-attention",
+        "--sdpa-attention",
         action="store_true",
-        help="then profile and time the steps again attending with the split-KV kernels (the experiment in "
-        "split_attention.py): a before/after in one process",
+        help="then profile and time the steps again attending with SDPA instead of the split-KV kernels "
+        "(split_attention.py, as served for one row): a before/after in one process",
     )
     parser.add_argument(
         "--store-mlp-activation",
@@ -301,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profiled-tuning",
-        action="store_true",
-        help="every step here (served and experiments) tuned by each candidate kernel's profiled time "
-        "(compiled_step.PROFILED_TUNING): the tuning column then shows what the profiler measured",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every step here (served and experiments) tuned by each candidate kernel's profiled time, as served "
+        "(profiled_tuning.py); the tuning column then shows what the profiler measured",
     )
     parser.add_argument("--timed-steps", type=int, default=50, help="steps in each run of the step timings")
     parser.add_argument("--top", type=int, default=15)
@@ -311,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default=SECTION, help="name of the section in the output file")
     args = parser.parse_args(argv)
 
-    compiled_step.PROFILED_TUNING = args.profiled_tuning  # read when the runner compiles its step, below
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = build_model(tiny=args.architecture == "tiny", device=device, dtype=dtype)
@@ -322,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [prompts.build(GenerationRequest("describe " * args.prompt_words, params=params)) for _ in range(args.rows)]
     picture = prompts.build(GenerationRequest("describe " * 50, images=[image], params=params))
     # As served, but without CUDA graphs: each kernel then shows on its own.
-    runner = ModelRunner(loaded, max_rows=max(2, args.rows), cuda_graphs=False)
+    runner = ModelRunner(loaded, max_rows=max(2, args.rows), cuda_graphs=False, profiled_tuning=args.profiled_tuning)
 
     def prefill() -> None:
         runner.prefill([picture])
@@ -372,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
          "Decode step, MLP activation stored", True, mock.patch.object(compiled_step, "STORE_MLP_ACTIVATION", True)),
         (args.fuse_rotary, "Compiled with the rotary embedding fused into fewer kernels (`FUSED_ROTARY_OPTIONS`):",
          "Decode step, rotary embedding fused", True, rotary_fused(runner)),
-        (args.split_attention, "With the split-KV kernels for the compiled steps' attention:",
-         "Decode step, split-KV attention", True, decode_attention.switched_on(decode_attention.use_split_attention)),
+        (args.sdpa_attention, "With SDPA for the compiled steps' attention (the split-KV kernels off):",
+         "Decode step, SDPA attention", True, split_attention_off(runner)),
         (args.flex, "With FlexAttention for the compiled steps' attention:",
          "Decode step, FlexAttention", False, decode_attention.switched_on(decode_attention.use_flex_decoding)),
     ]  # fmt: skip

@@ -106,11 +106,13 @@ def describe_decode(runner) -> str:
     else:
         how += ", queries-keys-values in one matrix multiply"
         how += "" if fused == layers else f" in {fused} of {layers} layers"
-    split = decode_attention.split_attention_enabled() and runner.device.type in decode_attention.SPLIT_DEVICES
-    if path["compiled"] and split:  # the experiment: only compiled steps take it
-        how += ", attention by the split-KV kernels"
+    if path["compiled"] and runner.device.type in decode_attention.SPLIT_DEVICES:  # only compiled steps take them
+        if decode_attention.split_attention_enabled():
+            how += ", attention by the split-KV kernels (batches too)"
+        elif runner.compiled.split_attention:
+            how += ", one row's attention by the split-KV kernels"
     tuning = runner.compiled.profiled_tuning if runner.compiled is not None else None
-    if tuning is not None:  # the experiment: what the profiler timed, and whether it gave up
+    if tuning is not None:  # what the profiler timed, and whether it gave up
         how += f", tuned by profiled kernel time ({tuning.timed} candidate launches"
         how += f"; {tuning.fell_back} timed by events where the profiler failed: see log)" if tuning.fell_back else ")"
     if runner.graphs is None:
@@ -214,15 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profiled-tuning",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="coordinate descent times each candidate launch by its kernel's device time (the profiler) "
-        "instead of events around the launch (an experiment: glm4v_bento/engine/profiled_tuning.py)",
+        "instead of events around the launch (as served: glm4v_bento/engine/profiled_tuning.py)",
     )
     parser.add_argument(
         "--split-attention",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a compiled one-row step on a GPU attends with the split-KV kernels, the cache's columns spread over "
+        "the multiprocessors (as served: glm4v_bento/engine/split_attention.py); --no-split-attention: SDPA",
+    )
+    parser.add_argument(
+        "--split-attention-batches",
         action="store_true",
-        help="compiled steps on a GPU attend with the split-KV kernels, the cache's columns spread over the "
-        "multiprocessors (an experiment: glm4v_bento/engine/split_attention.py)",
+        help="compiled batches on a GPU attend with the split-KV kernels too (an experiment)",
     )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
@@ -238,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             parser.error(f"--compile-option {option!r}: expected NAME=JSON, e.g. triton.enable_pdl=true")
     compiled_step.STORE_MLP_ACTIVATION = args.store_mlp_activation  # read when a layer is compiled
-    compiled_step.PROFILED_TUNING = args.profiled_tuning  # read when the step is compiled
-    decode_attention.use_split_attention(args.split_attention)  # read when the step is traced
+    decode_attention.use_split_attention(args.split_attention_batches)  # read when the step is traced
     if args.fuse_rotary:  # shown among the options in the report
         compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -254,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     loaded = build_model(args.tiny, device, dtype)
     limits = SchedulerLimits(max_running=max([1, *args.concurrency]), max_batch_tokens=10**9)
     engine = Engine(
-        loaded, limits=limits, cuda_graphs=args.cuda_graphs, compile_decode=args.compile, fuse_qkv=args.fused_qkv
+        loaded,
+        limits=limits,
+        cuda_graphs=args.cuda_graphs,
+        compile_decode=args.compile,
+        fuse_qkv=args.fused_qkv,
+        split_attention=args.split_attention,
+        profiled_tuning=args.profiled_tuning,
     )
     served_overlap = engine.scheduler.overlap_steps
     try:

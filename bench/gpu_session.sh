@@ -13,22 +13,20 @@
 #                   as kernels alone, replayed back to back and with each token read back; then the same
 #                   with the MLP activation stored and with the rotary embedding fused (the two experiments,
 #                   in the same process); each kernel's time per call beside what its tuning measured alone
-#   tuning-ab       one stream as served and with coordinate descent timing each candidate launch by its kernel's
-#                   profiled device time instead of events around the launch (--profiled-tuning), alternately, as
-#                   mlp-ab: the events' host overhead swamps one-row kernels of 3-13 µs (gpu-profiled-tuning-ab)
-#   candidates-ab   one stream as served and with both untested experiments that may reach the target together (tuning
-#                   timed by the profiler, the split-KV attention kernels), alternately, as mlp-ab: the one A/B that
-#                   says whether they make the default; tuning-ab and split-ab then tell their shares (gpu-candidates-ab)
-#   split-ab        one stream as served and with the split-KV attention kernels (--split-attention), alternately, as
-#                   mlp-ab: SDPA's one-row attention runs on 2 multiprocessors, 33 µs a layer after the 1024x1024
-#                   image; its rows "after the image" are where the kernels should show (gpu-split-attention-ab)
-#   profile-split   the profile after the image's length of context (1400 words), as served and with the split-KV
-#                   kernels, in one process: attention's kernels and time per step either way (decode-profile-split)
-#   profile-tuned   the profile with every step tuned so: each kernel's time per call beside what the profiler
-#                   measured for it while tuning (decode-profile-profiled-tuning)
-#   tuning-wide-ab  both sides tuned by profiled time, one also searching wider (all directions, radius 2): once
-#                   the timings are right, a wider search may find launches a one-step descent misses
-#                   (gpu-profiled-wide-tuning-ab)
+#   defaults-ab     one stream as served and with neither setting that took it to 0.77 of the bound on an H200
+#                   (2026-11-27: tuning timed by the profiler, the split-KV attention kernels for one row),
+#                   alternately, as mlp-ab: whether they hold on this GPU (gpu-defaults-ab)
+#   split-batches-ab  8 and 32 sequences as served (SDPA for batches) and with the split-KV kernels for batches
+#                   too (--split-attention-batches), alternately, as mlp-ab (gpu-split-attention-batches-ab)
+#   split-ab        one stream as served and with SDPA instead of the split-KV kernels (--no-split-attention),
+#                   alternately, as mlp-ab: the kernels' share, most of it after the image (gpu-split-attention-ab)
+#   tuning-ab       one stream as served and with Inductor's own tuning, timed by events around each launch
+#                   (--no-profiled-tuning), alternately, as mlp-ab: the profiler's share (gpu-profiled-tuning-ab)
+#   profile-split   the profile after the image's length of context (1400 words), as served and with SDPA instead
+#                   of the split-KV kernels, in one process: attention's kernels and time per step either way
+#                   (decode-profile-split)
+#   tuning-wide-ab  one stream as served and also searching wider (all directions, radius 2): with the timings
+#                   right, a wider search may find launches a one-step descent misses (gpu-profiled-wide-tuning-ab)
 #   both-ab         one stream as served and with both experiments below (the MLP activation stored, the rotary
 #                   embedding fused), alternately, as mlp-ab: their sum is likelier than either alone to stand out of
 #                   the spread between compilations in few runs (gpu-experiments-ab)
@@ -41,7 +39,7 @@
 #   mlp-activation  as served, but each compiled layer stores its MLP's activation once instead of recomputing it
 #                   inside the down projection's one-row reduction (gpu-bench-mlp-activation), 128 new tokens
 #   profile-long    the profile over a 3000-word prompt: attention's share at an image prompt's length, and
-#                   the step's kernels with the FlexAttention experiment and with the split-KV kernels
+#                   the step's kernels with the FlexAttention experiment and with SDPA instead of the split-KV kernels
 #   wider-tuning    as served but coordinate descent searches further (all directions, radius 2) for each kernel's
 #                   launch sizes: the q/k/v and output reductions read at 3.2-3.4 TB/s (gpu-bench-wider-tuning)
 #   autotune-reductions  as served but Inductor benchmarks every candidate launch size of each reduction before its
@@ -106,8 +104,8 @@ ab() {  # one A/B step: one stream without and with the setting $2, alternately,
     --section "$3" --output "$report" -- bench/gpu_bench.py --concurrency --decode-tokens 128 "${extra[@]}" "${@:4}"
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served candidates-ab tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
-else default_steps="gpu-tests served candidates-ab tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served defaults-ab split-batches-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served defaults-ab split-batches-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -141,7 +139,7 @@ for name in $STEPS; do
     compile) step "$name" "$PYTHON" bench/compile_bench.py "${compile_model[@]}" --output "$report" ;;
     profile) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --store-mlp-activation \
       --fuse-rotary --output "$report" ;;
-    profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex --split-attention \
+    profile-long) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --flex --sdpa-attention \
       --prompt-words "$long_words" --section decode-profile-long --output "$report" ;;
     eager) step "$name" "$PYTHON" bench/gpu_bench.py --decode-tokens 128 "${extra[@]}" --no-compile --no-cuda-graphs \
       --section gpu-bench-eager --output "$report" ;;
@@ -161,20 +159,19 @@ for name in $STEPS; do
     wider-tuning) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       "${wide_search[@]}" --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
-    tuning-ab) ab "$name" --profiled-tuning gpu-profiled-tuning-ab ;;
-    split-ab) ab "$name" --split-attention gpu-split-attention-ab ;;
-    candidates-ab) ab "$name" "--profiled-tuning --split-attention" gpu-candidates-ab ;;
-    profile-split) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --split-attention \
+    defaults-ab) ab "$name" "--no-profiled-tuning --no-split-attention" gpu-defaults-ab ;;
+    split-ab) ab "$name" --no-split-attention gpu-split-attention-ab ;;
+    tuning-ab) ab "$name" --no-profiled-tuning gpu-profiled-tuning-ab ;;
+    split-batches-ab) ab "$name" --split-attention-batches gpu-split-attention-batches-ab --concurrency 8 32 ;;
+    profile-split) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --sdpa-attention \
       --prompt-words "$image_words" --section decode-profile-split --output "$report" ;;
-    tuning-wide-ab) ab "$name" "${wide_search[*]}" gpu-profiled-wide-tuning-ab --profiled-tuning ;;
-    profile-tuned) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --profiled-tuning \
-      --section decode-profile-profiled-tuning --output "$report" ;;
+    tuning-wide-ab) ab "$name" "${wide_search[*]}" gpu-profiled-wide-tuning-ab ;;
     mlp-ab) ab "$name" --store-mlp-activation gpu-mlp-activation-ab ;;
     both-ab) ab "$name" "--store-mlp-activation --fuse-rotary" gpu-experiments-ab ;;
     rotary-ab) ab "$name" --fuse-rotary gpu-rotary-ab ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served candidates-ab tuning-ab split-ab profile-split profile-tuned tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served defaults-ab split-batches-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

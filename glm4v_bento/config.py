@@ -48,6 +48,16 @@ class Settings(BaseSettings):
         "host's work (streaming, stop checks) runs while the GPU computes. Requests asking for logprobs step "
         "without it. Unset: on when the model sits on one GPU, off otherwise.",
     )
+    split_attention: bool = Field(
+        True,
+        description="A compiled single-stream decode step on a GPU attends with this project's split-KV kernels, "
+        "which spread the cache over all the GPU's multiprocessors; false: PyTorch's SDPA.",
+    )
+    profiled_tuning: bool = Field(
+        True,
+        description="While torch.compile tunes the decode step's GPU kernels, time each candidate by its "
+        "device time from the profiler (steadier picks for one-row kernels); false: Inductor's own timing.",
+    )
 
     # --- fitting the model on smaller GPUs (the tutorial's device_map / max_memory / offload)
     device_map: str | None = Field(

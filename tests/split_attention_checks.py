@@ -1,5 +1,6 @@
-"""The split-KV attention experiment for compiled decode steps on a GPU: off by default, and when
-on, the same attention as SDPA's. Its speed is a GPU figure (bench/gpu_bench.py --split-attention).
+"""The split-KV attention kernels for compiled decode steps on a GPU: as served, for one row only
+(batches keep SDPA unless the experiment asks), and the same attention as SDPA's. Their speed is a
+GPU figure (bench/gpu_session.sh's split-ab).
 
 Its Triton kernels run here through Triton's interpreter, on the CPU. Triton decides at import
 whether it interprets, so these checks run in a process of their own, started with
@@ -95,17 +96,34 @@ def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
     assert runner.compiled.enabled and runner.compiled.checked  # ...which agreed with the eager step
 
 
-def test_split_attention_is_off_unless_asked_and_never_in_the_eager_step(
+def test_as_served_only_one_row_steps_take_the_split_kernels(
+    tiny_model_dir, engine, monkeypatch, split_attention_launches
+):
+    monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    prompts = [engine.prompts.build(request) for request in REQUESTS]
+    references = [Reference(loaded, prompt) for prompt in prompts]
+    runner = ModelRunner(loaded, max_rows=4, compile_decode=True)
+    runner.use_graphs(eager_replay)
+
+    join_and_leave(runner, prompts, references)  # steps of one row and of several, as the checks above
+
+    assert runner.compiled.compilations == 2 and runner.compiled.enabled  # one row, batches: both agreed
+    assert split_attention_launches and set(split_attention_launches) == {1}
+
+
+def test_split_attention_switched_off_and_the_eager_step_attend_with_sdpa(
     tiny_model_dir, engine, monkeypatch, split_attention_launches
 ):
     monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
     loaded = load_model(str(tiny_model_dir), device="cpu")
     prompt = engine.prompts.build(REQUESTS[0])
-    decode_alone(ModelRunner(loaded, max_rows=2, compile_decode=True), prompt, Reference(loaded, prompt))
-    assert not split_attention_launches  # off by default
+    switched_off = ModelRunner(loaded, max_rows=2, compile_decode=True, split_attention=False)
+    decode_alone(switched_off, prompt, Reference(loaded, prompt))  # GLM4V_SPLIT_ATTENTION=false
+    assert switched_off.compiled.enabled and not split_attention_launches
 
     with attention.switched_on(attention.use_split_attention):
         decode_alone(ModelRunner(loaded, max_rows=2), prompt, Reference(loaded, prompt))
     assert (
         not split_attention_launches
-    )  # on, but the eager step (which checks each compilation) still attends with SDPA
+    )  # on for every step, but the eager step (which checks each compilation) still attends with SDPA

@@ -58,19 +58,20 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
     assert "| 1, steps overlapped (GLM4V_OVERLAP_STEPS=true) |" in table and "each waited for." in table
 
 
-def test_gpu_bench_compiles_with_tuning_timed_by_the_profiler(capsys):
-    """The profiled-tuning and split-attention experiments' switches. A CPU compiles no Triton
-    kernels, so none are timed, and its steps attend with SDPA: the report does not claim otherwise."""
+@pytest.mark.parametrize(
+    "switches", [[], ["--split-attention-batches", "--no-split-attention", "--no-profiled-tuning"]]
+)
+def test_gpu_bench_reports_the_attention_and_tuning_a_gpu_would_take(capsys, switches):
+    """The split-KV and profiled-tuning switches (as served, the batches' experiment, both off). A CPU
+    compiles no Triton kernels and attends with SDPA: the report claims neither there."""
     bench = load_bench("gpu_bench")
     try:
-        assert bench.main(["--tiny", "--compile", "--profiled-tuning", "--split-attention", "--concurrency", "2"]) == 0
+        assert bench.main(["--tiny", "--compile", "--concurrency", "2", *switches]) == 0
     finally:
         bench.decode_attention.use_split_attention(False)
-        bench.compiled_step.PROFILED_TUNING = False
     table = capsys.readouterr().out
-    assert "decode steps compiled (torch.compile)" in table
-    assert "tuned by profiled kernel time (0 candidate launches)" in table and "| 2 |" in table
-    assert "split-KV" not in table
+    assert "decode steps compiled (torch.compile)" in table and "| 2 |" in table
+    assert "split-KV" not in table and "profiled kernel time" not in table
 
 
 def test_gpu_bench_real_architecture_matches_the_published_size():
@@ -171,8 +172,8 @@ def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_ea
 
 # The steps a GPU session runs first, on the newest code: every commit walks these. The whole list
 # takes four minutes here, so it is a slow test, run by `make gpu-kit` before a session and by `make test-slow`.
-FIRST_STEPS = ["gpu-tests", "served", "candidates-ab", "profile-split"]
-FIRST_SECTIONS = ["gpu-bench", "gpu-candidates-ab", "decode-profile-split"]
+FIRST_STEPS = ["gpu-tests", "served", "defaults-ab", "split-batches-ab"]
+FIRST_SECTIONS = ["gpu-bench", "gpu-defaults-ab", "gpu-split-attention-batches-ab"]
 
 
 def walk_gpu_session(steps: list[str], tmp_path: Path) -> str:
@@ -332,13 +333,13 @@ def test_decode_profile_splits_a_step_into_groups_and_kernels(tmp_path):
     bench = load_bench("decode_profile")
     output = tmp_path / "benchmarks.md"
     arguments = ["--steps", "2", "--top", "5", "--timed-steps", "3", "--flex", "--store-mlp-activation"]
-    assert bench.main([*arguments, "--fuse-rotary", "--split-attention", "--output", str(output)]) == 0
+    assert bench.main([*arguments, "--fuse-rotary", "--sdpa-attention", "--output", str(output)]) == 0
     text = output.read_text()
     assert "**Decode step**" in text and "**Prefill of one 112x112 image" in text
-    assert "**Decode step, FlexAttention**" in text and "**Decode step, split-KV attention**" in text
+    assert "**Decode step, FlexAttention**" in text and "**Decode step, SDPA attention**" in text
     assert "**Decode step, MLP activation stored**" in text
     assert "**Decode step, rotary embedding fused**" in text
-    assert text.count("**Decode step of 1 row(s) over") == 4  # timed as served, stored, fused, split
+    assert text.count("**Decode step of 1 row(s) over") == 4  # timed as served, stored, fused, SDPA
     assert "| matrix multiply |" in text and "| attention |" in text
     shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in text.splitlines() if line.endswith("% |")]
     assert shares and all(0 <= share <= 100 for share in shares)

@@ -23,6 +23,18 @@ def test_environment_variables_are_read(monkeypatch):
     assert (settings.model, settings.dtype, settings.max_image_bytes) == ("/models/tiny", "bfloat16", 1000)
 
 
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_the_split_attention_setting_reaches_the_compiled_step(tiny_model_dir, monkeypatch, value):
+    from glm4v_bento.engine import Engine
+
+    monkeypatch.setenv("GLM4V_SPLIT_ATTENTION", value)
+    engine = Engine.from_settings(Settings(model=str(tiny_model_dir), device="cpu", compile_decode=True))
+    try:
+        assert engine.runner.compiled.split_attention is (value == "true")
+    finally:
+        engine.close()
+
+
 def test_bad_values_are_refused_with_the_variable_named(monkeypatch):
     monkeypatch.setenv("GLM4V_DTYPE", "float8")
     with pytest.raises(ValidationError, match="dtype"):

@@ -1,4 +1,4 @@
-"""The profiled-tuning experiment (glm4v_bento/engine/profiled_tuning.py): while a compiled step
+"""Tuning timed by the profiler (glm4v_bento/engine/profiled_tuning.py, as served on a GPU): while a compiled step
 runs, Inductor's autotuner times candidates with the profiler. A CPU has no Triton kernels to
 tune, so Inductor's timing function is replaced here by a recorder (below the unit tested); on a
 GPU, tests/test_cuda_paths.py tunes for real. Its speed is a GPU figure (gpu_session's tuning-ab)."""
@@ -13,7 +13,6 @@ import torch
 from torch._inductor import utils
 from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-from glm4v_bento.engine import compiled_step
 from glm4v_bento.engine.compiled_step import CompiledStep, DecodeParts
 from glm4v_bento.engine.profiled_tuning import TIMED_MS, WARMUP_MS, ProfiledTuning
 
@@ -99,18 +98,26 @@ def test_inductors_bench_still_takes_the_profiler_as_patched():
 
 
 @pytest.mark.parametrize("on", [False, True])
-def test_a_compiled_step_tunes_under_the_setting_it_was_built_with(recorded, monkeypatch, on):
-    """The flag is read when the step is built, and the patch holds only while a compiled call runs."""
+def test_a_compiled_step_tunes_under_the_setting_it_was_built_with(recorded, on):
+    """The patch holds only while a compiled call runs."""
     seen = []
 
     def forward(rows, columns, parts):  # the compiled call; tuning would happen inside it
         seen.append(CachingAutotuner.bench is not recorded)
         return torch.zeros(rows, 4)
 
-    monkeypatch.setattr(compiled_step, "PROFILED_TUNING", on)
-    step = CompiledStep(forward, DecodeParts(begin=forward, layer=forward, end=forward))
-    monkeypatch.setattr(compiled_step, "PROFILED_TUNING", not on)  # later changes don't reach it
+    step = CompiledStep(forward, DecodeParts(begin=forward, layer=forward, end=forward), profiled_tuning=on)
     step.compiled(1, 16)
     assert seen == [on]
     assert CachingAutotuner.bench is recorded
     assert (step.profiled_tuning is not None) == on
+
+
+def test_a_cpus_compiled_step_is_not_tuned_by_the_profiler(tiny_model_dir):
+    """A CPU's compiled step has no Triton kernels to tune (a GPU's is tuned so unless
+    GLM4V_PROFILED_TUNING=false: tests/test_cuda_paths.py)."""
+    from glm4v_bento.engine import load_model
+    from glm4v_bento.engine.runner import ModelRunner
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    assert ModelRunner(loaded, compile_decode=True).compiled.profiled_tuning is None

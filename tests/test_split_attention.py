@@ -1,6 +1,7 @@
-"""The split-KV attention experiment's checks (tests/split_attention_checks.py), in a process of
-their own with Triton's interpreter: Triton decides when it is imported whether it interprets,
-and this test process has imported it already, for real kernels."""
+"""The split-KV attention kernels: their checks (tests/split_attention_checks.py) in a process of
+their own with Triton's interpreter (Triton decides when it is imported whether it interprets,
+and this test process has imported it already, for real kernels), their build for an H200, and
+which compiled steps take them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 CHECKS = Path(__file__).with_name("split_attention_checks.py")
 
@@ -26,7 +28,7 @@ def test_split_attention_checks_pass_under_tritons_interpreter():
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) == 13 and "skipped" not in summary, summary  # every check ran
+    assert passed and int(passed.group(1)) == 14 and "skipped" not in summary, summary  # every check ran
 
 
 def compile_for_hopper(kernel, signature: dict[str, str], constants: dict) -> object:
@@ -70,3 +72,48 @@ def test_split_attention_kernels_compile_for_an_h200(values, shape, precision):
     second = compile_for_hopper(combine, partial | {"output": f"*{values}", "used": "i32"}, shape | splits)
     for kernel in (first, second):
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024  # an H200's shared memory per block
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """Inside a trace, as torch.compile runs decode_attention (nothing compiles here)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+def test_as_served_a_compiled_step_takes_the_split_kernels_for_one_row_only(compiling):
+    from glm4v_bento.engine import decode_attention
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    with decode_attention.split_attention_rows(1):
+        assert decode_attention._splits(1, gpu)
+        assert not decode_attention._splits(2, gpu) and not decode_attention._splits(32, gpu)
+        assert not decode_attention._splits(1, cpu)
+    assert not decode_attention._splits(1, gpu)  # outside a compiled step's call: nothing asked
+    with decode_attention.split_attention_rows(0), decode_attention.switched_on(decode_attention.use_split_attention):
+        assert decode_attention._splits(1, gpu) and decode_attention._splits(32, gpu)  # the batches' experiment
+
+
+def test_the_eager_step_never_takes_the_split_kernels():
+    from glm4v_bento.engine import decode_attention
+
+    with decode_attention.split_attention_rows(1):
+        assert not decode_attention._splits(1, torch.device("cuda", 0))  # not compiling
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_compiled_step_asks_for_the_split_kernels_while_its_call_runs(split):
+    """GLM4V_SPLIT_ATTENTION reaches the trace through the compiled step's own setting."""
+    from glm4v_bento.engine import decode_attention
+    from glm4v_bento.engine.compiled_step import CompiledStep, DecodeParts
+
+    seen = []
+
+    def forward(rows, columns, parts):  # the compiled call; torch.compile would trace inside it
+        seen.append(decode_attention._split_rows)
+        return torch.zeros(rows, 4)
+
+    step = CompiledStep(forward, DecodeParts(begin=forward, layer=forward, end=forward), split_attention=split)
+    step.compiled(1, 16)
+    step.eager(1, 16)
+    assert seen == [1 if split else 0, 0]
+    assert decode_attention._split_rows == 0

@@ -38,6 +38,7 @@ import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from glm4v_bento.engine import decode_attention
 from glm4v_bento.engine.decode_graphs import Forward, same_logits
 from glm4v_bento.engine.kv_cache import LayerCache
 from glm4v_bento.engine.profiled_tuning import ProfiledTuning
@@ -135,19 +136,26 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 # bench/inductor_kernels.py lists the kernels either way, on any machine.
 FUSED_ROTARY_OPTIONS = {"force_pointwise_cat": True, "realize_reads_threshold": 16}
 
-# An experiment, off unless set (gpu_bench's and decode_profile's --profiled-tuning): coordinate
-# descent times each candidate launch by its kernel's device time, not by events around a launch
-# whose host work outlasts a one-row kernel (profiled_tuning.py).
-PROFILED_TUNING = False
-
 
 class CompiledStep:
-    def __init__(self, forward: PartedForward, parts: DecodeParts) -> None:
+    def __init__(
+        self,
+        forward: PartedForward,
+        parts: DecodeParts,
+        *,
+        profiled_tuning: bool = False,
+        split_attention: bool = False,
+    ) -> None:
+        """``profiled_tuning``: coordinate descent times each candidate launch by its kernel's
+        device time, not by events around a launch whose host work outlasts a one-row kernel
+        (profiled_tuning.py). ``split_attention``: one-row steps on a GPU attend with the split-KV
+        kernels (decode_attention.py)."""
         self.eager: Forward = lambda rows, columns: forward(rows, columns, parts)
         self.options = dict(COMPILE_OPTIONS)  # as they are now: torch.compile takes them at once
         # Tuning runs inside a compiled call, at each new kernel's first launch.
-        self.profiled_tuning = ProfiledTuning() if PROFILED_TUNING else None
+        self.profiled_tuning = ProfiledTuning() if profiled_tuning else None
         tuning = self.profiled_tuning.active if self.profiled_tuning else contextlib.nullcontext
+        self.split_attention = split_attention  # read at each call: a change compiles the step again
         compiled_parts = DecodeParts(
             begin=torch.compile(parts.begin, dynamic=True, options=self.options),
             layer=torch.compile(parts.layer, dynamic=True, options=self.options),
@@ -155,7 +163,11 @@ class CompiledStep:
         )
 
         def compiled(rows: int, columns: int) -> torch.Tensor:
-            with fx_config.patch(use_duck_shape=False), tuning():  # read when torch.compile traces
+            with (
+                fx_config.patch(use_duck_shape=False),  # read when torch.compile traces
+                tuning(),
+                decode_attention.split_attention_rows(1 if self.split_attention else 0),
+            ):
                 return forward(rows, columns, compiled_parts)
 
         self.compiled: Forward = compiled

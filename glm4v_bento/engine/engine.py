@@ -32,10 +32,13 @@ class Engine:
         sampling_defaults: SamplingDefaults | None = None,
         fuse_qkv: bool = True,
         overlap_steps: bool | None = None,
+        split_attention: bool = True,
+        profiled_tuning: bool = True,
     ) -> None:
         """``overlap_steps``: launch each decode step before reading back the tokens of the one
         before (overlap.py). None: on when the model sits on one GPU, where the host's work on a
-        step then runs while the device computes the next; off elsewhere."""
+        step then runs while the device computes the next; off elsewhere. ``split_attention`` and
+        ``profiled_tuning``: how a compiled step attends and is tuned on a GPU (ModelRunner)."""
         self.loaded = loaded
         self.default_max_new_tokens = default_max_new_tokens
         # Unset sampling fields of every request: the model's recommendation unless overridden.
@@ -49,6 +52,8 @@ class Engine:
             compile_decode=compile_decode,
             prefill_chunk_tokens=prefill_chunk_tokens,
             fuse_qkv=fuse_qkv,
+            split_attention=split_attention,
+            profiled_tuning=profiled_tuning,
         )
         self.scheduler = Scheduler(
             self.runner,
@@ -87,6 +92,8 @@ class Engine:
             compile_decode=settings.compile_decode,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             overlap_steps=settings.overlap_steps,
+            split_attention=settings.split_attention,
+            profiled_tuning=settings.profiled_tuning,
             sampling_defaults=SamplingDefaults() if settings.sampling_defaults == "greedy" else None,
         )
 

@@ -1,5 +1,6 @@
-"""Coordinate-descent tuning timed by each candidate kernel's own device time (an experiment, off
-unless compiled_step.PROFILED_TUNING is set: gpu_bench's and decode_profile's --profiled-tuning).
+"""Coordinate-descent tuning timed by each candidate kernel's own device time: as served for a
+compiled step on a GPU (GLM4V_PROFILED_TUNING=false, or the benchmarks' --no-profiled-tuning,
+turns it off).
 
 Inductor tunes a kernel's launch sizes by timing each candidate between two CUDA events around its
 launch. For the one-row step's small kernels, the host's work in that launch (cloning arguments,
@@ -12,8 +13,11 @@ served step's launches: 7% of its kernel time.
 
 With this on, Inductor times each candidate with the profiler instead (its own
 ``do_bench_using_profiling``: the kernels' device time, without the host's), over a shorter
-window than its default, so that tuning takes seconds more, not minutes. A candidate the profiler
-cannot time is timed as before, with events (a warning says so once).
+window than its default, so that tuning takes seconds more, not minutes (36-37 s for the
+one-row step on an H200, against 30 s). A candidate the profiler cannot time is timed as before,
+with events (a warning says so once). On an H200, with the split-KV attention kernels too, two
+compilations of one stream's step ran at 185.6 and 185.8 tokens/s, where two without either ran
+at 147.5 and 161.9 (2026-11-27, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -76,8 +76,13 @@ class ModelRunner:
         compile_decode: bool | None = None,
         prefill_chunk_tokens: int | None = None,
         fuse_qkv: bool = True,
+        split_attention: bool = True,
+        profiled_tuning: bool = True,
     ) -> None:
         """``compile_decode``: torch.compile the decode step (None: on a single CUDA device only).
+        ``split_attention``: a compiled single-stream step on a GPU attends with the split-KV
+        kernels (decode_attention.py). ``profiled_tuning``: on a GPU, the compiled step's kernels
+        are tuned by their profiled device time (profiled_tuning.py).
         ``prefill_chunk_tokens``: the most prompt columns one prefill step runs (0: all; None:
         AUTO_PREFILL_CHUNK_TOKENS on CUDA, all elsewhere). ``fuse_qkv``: decode with one matrix
         multiply for queries, keys and values (``fused_qkv``; False, to measure it, leaves a model
@@ -104,8 +109,13 @@ class ModelRunner:
         self.one_gpu = self._single_cuda_device()  # the whole model on one CUDA device: the fast paths' condition
         self._eager_parts = DecodeParts(begin=self._decode_begin, layer=decode_layer, end=self._decode_end)
         self.compiled: CompiledStep | None = None
+        # Kept for compile_anew. Tuning exists only for a GPU's (Triton) kernels.
+        self._compile_choices = {
+            "split_attention": split_attention,
+            "profiled_tuning": profiled_tuning and self.device.type == "cuda",
+        }
         if compile_decode if compile_decode is not None else self.one_gpu:
-            self.compiled = CompiledStep(self._forward, self._eager_parts)
+            self.compiled = CompiledStep(self._forward, self._eager_parts, **self._compile_choices)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.one_gpu:
             self.use_graphs(cuda_capture())
@@ -116,7 +126,7 @@ class ModelRunner:
         Steps replayed from graphs would keep the old step, so it is for a runner without them."""
         if self.graphs is not None:
             raise RuntimeError("compile_anew is for a runner without CUDA graphs")
-        self.compiled = CompiledStep(self._forward, self._eager_parts)
+        self.compiled = CompiledStep(self._forward, self._eager_parts, **self._compile_choices)
 
     def use_graphs(self, capture: Capture) -> DecodeGraphs:
         """Decode through graphs recorded by ``capture`` (the CUDA one, or a stand-in in tests)."""

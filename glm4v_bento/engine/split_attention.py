@@ -13,11 +13,10 @@ with a running softmax), and a second kernel weighs the chunks' partial results 
 block per query head. The mask is SDPA's: additive, (rows, 1, 1, columns).
 
 It is a custom op with a shape-only (fake) version, so a compiled step calls it as one opaque
-kernel launch pair and CUDA graphs capture it. An experiment, off unless
-``decode_attention.use_split_attention(True)`` (the benchmarks' ``--split-attention``); its speed
-is the GPU's to measure. The Triton kernels are compiled at first use; the CPU tests run them
-through Triton's interpreter, in a process started with TRITON_INTERPRET=1 (Triton reads it
-when it is imported).
+kernel launch pair and CUDA graphs capture it. A compiled one-row step on a GPU takes them as
+served (decode_attention.py says when, and what they measured). The Triton kernels are compiled
+at first use; the CPU tests run them through Triton's interpreter, in a process started with
+TRITON_INTERPRET=1 (Triton reads it when it is imported).
 """
 
 from __future__ import annotations
