@@ -78,17 +78,22 @@ def split_on_the_cpu(monkeypatch):
         yield
 
 
-def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
-    tiny_model_dir, engine, split_on_the_cpu, split_attention_launches
-):
+def decoded_through_joins_and_leaves(tiny_model_dir, engine) -> ModelRunner:
+    """A compiled runner after rows joined, left and were padded on the left, each step's logits
+    checked against transformers'; the longest (two images and a history) ends alone."""
     loaded = load_model(str(tiny_model_dir), device="cpu")
     prompts = [engine.prompts.build(request) for request in REQUESTS]
     references = [Reference(loaded, prompt) for prompt in prompts]
     runner = ModelRunner(loaded, max_rows=4, compile_decode=True)
     runner.use_graphs(eager_replay)  # steps padded to graph buckets: spare columns the mask must hide
-
-    # Rows join, leave and are padded on the left; the longest (two images and a history) ends alone.
     join_and_leave(runner, prompts, references)
+    return runner
+
+
+def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
+    tiny_model_dir, engine, split_on_the_cpu, split_attention_launches
+):
+    runner = decoded_through_joins_and_leaves(tiny_model_dir, engine)
 
     assert runner.compiled.compilations == 2  # one row, batches: nothing here made it compile again
     calls = split_attention_launches
@@ -100,13 +105,7 @@ def test_as_served_only_one_row_steps_take_the_split_kernels(
     tiny_model_dir, engine, monkeypatch, split_attention_launches
 ):
     monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
-    loaded = load_model(str(tiny_model_dir), device="cpu")
-    prompts = [engine.prompts.build(request) for request in REQUESTS]
-    references = [Reference(loaded, prompt) for prompt in prompts]
-    runner = ModelRunner(loaded, max_rows=4, compile_decode=True)
-    runner.use_graphs(eager_replay)
-
-    join_and_leave(runner, prompts, references)  # steps of one row and of several, as the checks above
+    runner = decoded_through_joins_and_leaves(tiny_model_dir, engine)  # steps of one row and of several
 
     assert runner.compiled.compilations == 2 and runner.compiled.enabled  # one row, batches: both agreed
     assert split_attention_launches and set(split_attention_launches) == {1}
