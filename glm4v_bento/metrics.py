@@ -38,7 +38,9 @@ class ServiceMetrics:
         )
         self.prompt_tokens = Counter("glm4v_prompt_tokens", "Prompt tokens processed (image tokens included)")
         self.generated_tokens = Counter("glm4v_generated_tokens", "Tokens generated")
-        self.requests = Counter("glm4v_requests", "Finished generations by finish reason", ["finish_reason"])
+        self.requests = Counter(
+            "glm4v_requests", "Finished generations by finish reason (cancelled: the client left)", ["finish_reason"]
+        )
         self.cache = Counter("glm4v_result_cache", "Result cache lookups", ["outcome"])
         self.rejections = Counter("glm4v_rejections", "Requests refused, by reason", ["reason"])
         self.clients_left = Counter(

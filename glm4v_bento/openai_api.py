@@ -7,7 +7,6 @@ use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -133,7 +132,7 @@ def create_routes(
         if hit is not None:
             results = [hit]
         else:
-            results = [host.completed(result) for result in await asyncio.gather(*(h.wait() for h in handles))]
+            results = await host.results_of(handles)
         failed = [result for result in results if result.finish_reason not in ("stop", "length")]
         if failed:
             return _failure(failed[0]).response()
@@ -310,7 +309,7 @@ def _submit(host: ModelHost, requests: list[GenerationRequest], stream: bool) ->
             for request in requests:
                 handles.append(host.open_stream(request))
         else:
-            handles = host.engine.submit_all(requests)  # withdraws them all itself when one is refused
+            handles = host.submit_all(requests)  # withdraws them all itself when one is refused
     except (QueueFullError, EngineClosedError) as exc:
         for handle in handles:  # the streams opened before the refusal
             handle.cancel()
@@ -363,6 +362,8 @@ async def _sse_events(
         yield _chunk(completion_id, model, created, index=index, delta=ChunkDelta(role="assistant", content=""))
     async with aclosing(merged_events(handles)) as events:
         async for index, event in events:
+            if isinstance(event, Finished):  # before the next yield: a result received is reported, never lost
+                on_done(event.result)
             parser = parsers[index]
             deltas = parser.finish() if isinstance(event, Finished) else parser.feed(event.text)
             pieces = [{"reasoning_content": d.text} if d.part == "thinking" else {"content": d.text} for d in deltas]
@@ -376,7 +377,6 @@ async def _sse_events(
             if not isinstance(event, Finished):
                 continue
             result = event.result
-            on_done(result)
             if result.finish_reason not in ("stop", "length"):
                 error = _failure(result)
                 body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from glm4v_bento.engine.types import FinishReason, GenerationResult, SamplingParams, Timings, Usage
+from glm4v_bento.request_origin import RequestOrigin
 
 DEFAULT_PROMPT = "描述这张图片"  # "describe this picture", the tutorial's default
 MAX_PROMPT_CHARS = 200_000
@@ -84,6 +85,14 @@ class BatchItem(BaseModel):
     system: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     params: SamplingParams = Field(default_factory=SamplingParams)
     cache: bool = Field(True, description="Use the result cache (deterministic requests only).")
+
+    # The HTTP request this item came in, taken as its body is parsed: BentoML's adaptive
+    # batcher runs items in a task of its own, so each result is reported back there.
+    _origin: RequestOrigin = PrivateAttr(default_factory=RequestOrigin)
+
+    @property
+    def origin(self) -> RequestOrigin:
+        return self._origin
 
 
 class BatchOutcome(BaseModel):

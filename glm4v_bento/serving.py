@@ -35,6 +35,7 @@ from glm4v_bento.engine import (
 )
 from glm4v_bento.images import CheckedImage, ImageError, ImageLimits, check_image
 from glm4v_bento.model_source import ModelSource, revision_of
+from glm4v_bento.request_origin import RequestOrigin
 from glm4v_bento.result_cache import MemoryResultCache, ResultCache, cache_key, is_deterministic
 from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
 
@@ -70,8 +71,11 @@ class ModelHost:
         # Items whose caller is in this process and waits for them itself (see ``claim``).
         self._claims: dict[str, asyncio.Future[RequestHandle]] = {}
         self._claimed_images: dict[str, list[CheckedImage]] = {}
-        # Told of every result a client receives (rate-limit charging, metrics).
+        # Told of every result a client receives (rate-limit charging, metrics), in its request's context.
         self.on_result: Callable[[GenerationResult], None] | None = None
+        # Told of what ran for a client that left before its result (finish_reason "cancelled"
+        # mostly), in that request's context but from any thread: charged and counted all the same.
+        self.on_abandoned: Callable[[GenerationResult], None] | None = None
         # Told after every scheduler step: (rows running, requests waiting, what says how decode steps run).
         self.on_step: Callable[[int, int, Callable[[], dict[str, bool | int]]], None] | None = None
         self.cache: ResultCache | None = None
@@ -192,7 +196,7 @@ class ModelHost:
         """An item from this process's own handlers (``internal_id``) whose caller does not wait
         for it: gone since (timed out, disconnected), or never in this process. Its images stay
         with that caller, so it must not run."""
-        return item.request_id.startswith(INTERNAL_ID_PREFIX) and item.request_id not in self._claims
+        return _from_this_process(item) and item.request_id not in self._claims
 
     async def _images_of(self, item: BatchItem, engine_id: str) -> list[CheckedImage]:
         """The images left with ``claim`` by an in-process caller, then those the item carries
@@ -241,6 +245,12 @@ class ModelHost:
         for (index, _), refused in zip(requests, submitted, strict=True):
             if isinstance(refused, QueueFullError):
                 outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=429, error=str(refused))
+        # A client's own items (not an in-process caller's): accounted in their requests, however they end.
+        own = {index for index, _ in handles if not _from_this_process(items[index])}
+        for index, handle in handles:
+            if index in own:
+                self.account_if_abandoned(handle, items[index].origin)
+        received: set[int] = set()
         try:
             for index, handle in handles:
                 if self._claimed(engine_ids[index]):
@@ -251,11 +261,16 @@ class ModelHost:
                 elif self._abandoned(items[index]):
                     handle.cancel()
                     outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=503, error=_CANCELLED)
-                else:
-                    outcomes[index] = _outcome(items[index].request_id, self.completed(await handle.wait()))
+                else:  # reported in the item's request: the batcher runs this in a task of its own
+                    result = await handle.wait()
+                    received.add(index)
+                    outcomes[index] = _outcome(items[index].request_id, items[index].origin.run(self.completed, result))
         except asyncio.CancelledError:  # the callers gave up: stop their generations
-            for _, handle in handles:
-                handle.cancel()
+            for index, handle in handles:
+                if index not in own:
+                    handle.cancel()
+                elif index not in received:
+                    handle.abandon()
             raise
         return [o for o in outcomes if o is not None]
 
@@ -278,7 +293,9 @@ class ModelHost:
         handed it over (202), once its generation is done."""
         if outcome.status != 202:
             return outcome
-        return _outcome(outcome.request_id, self.completed(await (await claim).wait()))
+        handle = await claim
+        self.account_if_abandoned(handle, RequestOrigin())  # here, in the caller's request
+        return _outcome(outcome.request_id, self.completed(await handle.wait()))
 
     def completed(self, result: GenerationResult) -> GenerationResult:
         """Report a result a client is about to receive (in the client's request context)."""
@@ -291,6 +308,26 @@ class ModelHost:
         if self.on_result is not None:
             self.on_result(result)
         return result
+
+    async def results_of(self, handles: list[RequestHandle]) -> list[GenerationResult]:
+        """All their results, each reported (``completed``). A caller that gives up abandons them
+        all: those whose results had come in meanwhile reached nobody either."""
+        try:
+            results = await asyncio.gather(*(handle.wait() for handle in handles))
+        except asyncio.CancelledError:
+            for handle in handles:
+                handle.abandon()
+            raise
+        return [self.completed(result) for result in results]
+
+    def account_if_abandoned(self, handle: RequestHandle, origin: RequestOrigin) -> None:
+        """Should the client leave before ``handle``'s result, report what ran for it in ``origin``."""
+        handle.on_abandoned(lambda result: origin.run(self._abandoned_result, result))
+
+    def _abandoned_result(self, result: GenerationResult) -> None:
+        self._cache_keys.pop(result.request_id or "", None)  # nothing to store for a client that left
+        if self.on_abandoned is not None:
+            self.on_abandoned(result)
 
     async def cached_answer(
         self,
@@ -356,7 +393,15 @@ class ModelHost:
             handle = self.engine.submit(request, stream=True)
             self._open_streams += 1
         handle.add_done_callback(self._stream_closed)
+        self.account_if_abandoned(handle, RequestOrigin())
         return handle
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Submit requests that start together or not at all (``Engine.submit_all``), for this client."""
+        handles = self.engine.submit_all(requests)
+        for handle in handles:
+            self.account_if_abandoned(handle, RequestOrigin())
+        return handles
 
     def _stream_closed(self, _: RequestHandle) -> None:
         with self._streams_lock:
@@ -449,6 +494,10 @@ def _decode_base64(encoded_images: list[str], limits: ImageLimits) -> list[Check
 
 _CANCELLED = "the request was cancelled before it ran"
 INTERNAL_ID_PREFIX = "glm4v-internal-"
+
+
+def _from_this_process(item: BatchItem) -> bool:
+    return item.request_id.startswith(INTERNAL_ID_PREFIX)
 
 
 def internal_id() -> str:

@@ -29,11 +29,11 @@ async def ndjson_events(
     parser = OutputParser()
     async for event in handle.events():
         if isinstance(event, Finished):
+            result = event.result
+            if on_done is not None:  # before the next yield: a result received is reported, never lost
+                on_done(result)
             for delta in parser.finish():
                 yield _line({"type": delta.part, "text": delta.text})
-            result = event.result
-            if on_done is not None:
-                on_done(result)
             yield _line(
                 {
                     "type": "done",

@@ -161,13 +161,20 @@ def _leave(request) -> None:
     raise AssertionError("the answer came before the client gave up")
 
 
+CANCELLED = 'glm4v_requests_total{finish_reason="cancelled"}'
+
+
 def test_openai_generations_stop_when_the_client_gives_up(server):
     """8 rows of 8,000 tokens take tens of seconds here; the client gives up after 2."""
     model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8000, "n": 8}
     body["ignore_eos"] = True
     url = f"{server.url}/v1/chat/completions"
+    before = metric(server.url, CANCELLED), metric(server.url, "glm4v_generated_tokens_total")
     assert _give_up_on(server.url, lambda: _leave(lambda: httpx.post(url, json=body, timeout=2))) < 3
+    # What they generated for nobody is still counted (and charged to the client's rate limit).
+    assert metric(server.url, CANCELLED) == before[0] + 8
+    assert metric(server.url, "glm4v_generated_tokens_total") >= before[1] + 8
 
 
 def test_native_generations_stop_when_the_client_gives_up(server):
@@ -178,9 +185,10 @@ def test_native_generations_stop_when_the_client_gives_up(server):
         url = f"{server.url}/v1/vision/batch-inference"
         _leave(lambda: httpx.post(url, files=files, data={"batch_request": json.dumps(requests_)}, timeout=2))
 
-    before = metric(server.url, "glm4v_clients_left_total")
+    before = metric(server.url, "glm4v_clients_left_total"), metric(server.url, CANCELLED)
     assert _give_up_on(server.url, call) < 3
-    assert metric(server.url, "glm4v_clients_left_total") == before + 1
+    assert metric(server.url, "glm4v_clients_left_total") == before[0] + 1
+    assert metric(server.url, CANCELLED) == before[1] + 8
     deadline = time.monotonic() + 10
     while '"client_left": true' not in server.log():  # the access log line, written as the request ends
         assert time.monotonic() < deadline, server.log()

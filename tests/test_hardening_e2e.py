@@ -9,7 +9,7 @@ from collections.abc import Callable
 import openai
 import pytest
 import requests
-from conftest import encode, make_image
+from conftest import encode, make_image, metric
 
 from glm4v_bento.auth import key_id
 from glm4v_bento.devserver import Server
@@ -107,17 +107,62 @@ def test_two_replicas_share_one_rate_limit_through_redis(tiny_model_dir, tmp_pat
             replica.stop()
 
 
-def test_generated_tokens_per_minute_are_charged(tiny_model_dir, tmp_path):
-    server = Server(tiny_model_dir, tmp_path / "serve.log", GLM4V_RATE_LIMIT_TPM="20")
-    try:
-        server.wait_ready()
-        first = infer(server.url, tokens=30)
-        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 30
-        refused = infer(server.url, tokens=1)  # 30 generated against 20 per minute: in debt
-        assert refused.status_code == 429
-        assert "20 generated tokens per minute" in refused.json()["error"]
-    finally:
-        server.stop()
+THIRD_KEY, FOURTH_KEY = "sk-test-gamma-1111111111", "sk-test-delta-2222222222"
+
+
+@pytest.fixture(scope="module")
+def tpm_limited(tiny_model_dir, tmp_path_factory):
+    """20 generated tokens per minute per key; each test spends its own keys."""
+    keys = ",".join((KEY, OTHER_KEY, THIRD_KEY, FOURTH_KEY))
+    log = tmp_path_factory.mktemp("tpm") / "serve.log"
+    with Server(tiny_model_dir, log, GLM4V_RATE_LIMIT_TPM="20", GLM4V_API_KEYS=keys) as srv:
+        yield srv
+
+
+def batch_generate(url: str, key: str, tokens: int) -> requests.Response:
+    """The batched API, called directly (through BentoML's adaptive batcher)."""
+    params = {"max_new_tokens": tokens, "ignore_eos": True}
+    body = {"items": [{"request_id": "mine", "prompt": "x", "params": params, "cache": False}]}
+    return requests.post(f"{url}/v1/batch/generate", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_generated_tokens_per_minute_are_charged(tpm_limited):
+    first = infer(tpm_limited.url, KEY, tokens=30)
+    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 30
+    refused = infer(tpm_limited.url, KEY, tokens=1)  # 30 generated against 20 per minute: in debt
+    assert refused.status_code == 429
+    assert "20 generated tokens per minute" in refused.json()["error"]
+
+
+def test_the_batched_api_charges_each_caller_for_its_own_tokens(tpm_limited):
+    # The batcher runs in a task started by the first request it saw: that caller must not pay for the others.
+    assert batch_generate(tpm_limited.url, OTHER_KEY, 2).status_code == 200
+    big = batch_generate(tpm_limited.url, THIRD_KEY, 30)
+    assert big.status_code == 200 and big.json()[0]["result"]["usage"]["completion_tokens"] == 30
+    assert batch_generate(tpm_limited.url, THIRD_KEY, 1).status_code == 429
+    assert batch_generate(tpm_limited.url, OTHER_KEY, 1).status_code == 200
+
+
+def test_a_client_that_leaves_its_stream_still_pays_for_the_tokens_it_had(tpm_limited):
+    url = tpm_limited.url
+    cancelled = 'glm4v_requests_total{finish_reason="cancelled"}'
+    before = metric(url, cancelled)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=FOURTH_KEY, max_retries=0)
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=5000,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    for received, _ in enumerate(stream, start=1):
+        if received == 30:  # 30 tokens in, the client goes away
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while metric(url, cancelled) < before + 1:  # the generation stopped and was counted
+        assert time.monotonic() < deadline, "the abandoned stream was never counted"
+        time.sleep(0.05)
+    refused = batch_generate(url, FOURTH_KEY, 1)
+    assert refused.status_code == 429 and "20 generated tokens per minute" in refused.text
 
 
 def test_one_json_log_line_per_request_without_prompts_or_keys(keyed):

@@ -338,3 +338,101 @@ def test_merged_streams_keep_each_ones_order_and_closing_them_cancels_all(make_e
         return [handle.result(timeout=30).finish_reason for handle in long]
 
     assert asyncio.run(run()) == ["cancelled", "cancelled"]
+
+
+class Abandoned:
+    """An ``on_abandoned`` callback that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.results: list = []
+
+    def __call__(self, result) -> None:
+        self.results.append(result)
+
+
+def test_a_stream_left_early_hands_what_ran_to_its_abandoned_callbacks(make_engine):
+    engine = make_engine()
+    told = Abandoned()
+
+    async def leave_after_some_text() -> int:
+        handle = engine.submit(request("long", 5000), stream=True)
+        handle.on_abandoned(told)
+        seen = 0
+        async for _ in handle.events():
+            seen += 1
+            if seen == 5:
+                break  # the client went away
+        return seen
+
+    seen = asyncio.run(leave_after_some_text())
+    wait_until(lambda: len(told.results) == 1)
+    [result] = told.results
+    assert result.finish_reason == "cancelled" and seen <= result.usage.completion_tokens < 5000
+    time.sleep(0.1)
+    assert len(told.results) == 1  # once
+
+
+def test_a_wait_that_is_cancelled_abandons_and_one_that_returned_never_does(make_engine):
+    engine = make_engine()
+    left, stayed = Abandoned(), Abandoned()
+
+    async def run():
+        long = engine.submit(request("long", 5000))
+        long.on_abandoned(left)
+        waiting = asyncio.ensure_future(long.wait())
+        await asyncio.sleep(0.2)
+        waiting.cancel()  # the handler was cancelled: its client left
+        short = engine.submit(request("short", 3))
+        short.on_abandoned(stayed)
+        result = await short.wait()
+        short.cancel()  # too late to matter: the caller has the result
+        return result
+
+    assert asyncio.run(run()).finish_reason == "length"
+    wait_until(lambda: len(left.results) == 1)
+    assert left.results[0].finish_reason == "cancelled" and left.results[0].usage.completion_tokens > 0
+    assert stayed.results == []
+
+
+def test_closing_merged_streams_abandons_only_the_results_not_passed_on(make_engine):
+    from contextlib import aclosing
+
+    from glm4v_bento.engine import merged_events
+
+    engine = make_engine()
+    told = [Abandoned() for _ in range(3)]
+
+    async def run() -> int:
+        # Two short ones end in the same step: one result reaches the caller, the other may
+        # already be on its way through the merge when the caller leaves.
+        handles = [engine.submit(request(f"short {i}", 2), stream=True) for i in range(2)]
+        handles.append(engine.submit(request("long", 5000), stream=True))
+        for handle, callback in zip(handles, told, strict=True):
+            handle.on_abandoned(callback)
+        async with aclosing(merged_events(handles)) as events:
+            async for index, event in events:
+                if isinstance(event, Finished):
+                    return index  # the caller leaves with the first result
+
+    had = asyncio.run(run())
+    other = 1 - had
+    wait_until(lambda: len(told[other].results) == len(told[2].results) == 1)
+    assert told[had].results == []  # the caller had it
+    assert told[other].results[0].finish_reason == "length" and told[2].results[0].finish_reason == "cancelled"
+
+
+def test_a_failing_abandoned_callback_is_logged_and_the_engine_goes_on(make_engine, caplog):
+    engine = make_engine()
+
+    def broken(result) -> None:
+        raise RuntimeError("metrics backend down")
+
+    async def leave() -> None:
+        handle = engine.submit(request("long", 5000), stream=True)
+        handle.on_abandoned(broken)
+        async for _ in handle.events():
+            break
+
+    asyncio.run(leave())
+    assert engine.submit(request("next", 3)).result(timeout=30).finish_reason == "length"
+    assert "a callback for an abandoned request failed" in caplog.text

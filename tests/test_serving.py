@@ -10,8 +10,9 @@ import time
 import pytest
 from conftest import encode, host_for, make_image
 
-from glm4v_bento.engine import SamplingParams
+from glm4v_bento.engine import GenerationRequest, SamplingParams
 from glm4v_bento.images import check_image
+from glm4v_bento.rate_limit import current_client
 from glm4v_bento.result_cache import MemoryResultCache
 from glm4v_bento.schemas import BatchItem
 from glm4v_bento.serving import ModelHost, as_sent, internal_id
@@ -290,3 +291,82 @@ def test_several_choices_start_together_or_not_at_all(tiny_model_dir):
             time.sleep(0.01)
     finally:
         host.close()
+
+
+def test_a_clients_batch_items_are_reported_in_the_requests_they_came_in(host):
+    """BentoML's adaptive batcher runs a batch in a task of its own (whose context is that of
+    whichever request started the batcher): each result is charged to its own client."""
+    reported = []
+    host.on_result = lambda result: reported.append((current_client.get(), result.request_id.split("@")[0]))
+    try:
+        items = []
+        for client in ("alice", "bob"):
+            token = current_client.set(client)
+            items.append(item(f"from-{client}", [encode(make_image(40, 40))]))  # parsed in the client's request
+            current_client.reset(token)
+
+        async def in_the_batchers_task():
+            current_client.set("whoever-came-first")
+            return await host.run_batch(items)
+
+        outcomes = asyncio.run(in_the_batchers_task())
+    finally:
+        host.on_result = None
+    assert [o.status for o in outcomes] == [200, 200]
+    assert sorted(reported) == [("alice", "from-alice"), ("bob", "from-bob")]
+
+
+def test_what_ran_for_a_client_that_left_its_stream_is_reported_in_its_request(host):
+    told = []
+    host.on_abandoned = lambda result: told.append((current_client.get(), result))
+    try:
+
+        async def leave_early() -> int:
+            current_client.set("carol")
+            params = SamplingParams(max_new_tokens=5000, ignore_eos=True)
+            handle = host.open_stream(GenerationRequest("long", params=params))
+            seen = 0
+            async for _ in handle.events():
+                seen += 1
+                if seen == 3:
+                    return seen  # the client went away
+            return seen
+
+        seen = asyncio.run(leave_early())
+        deadline = time.monotonic() + 30
+        while not told:
+            assert time.monotonic() < deadline, "the abandoned stream was never reported"
+            time.sleep(0.01)
+    finally:
+        host.on_abandoned = None
+    [(client, result)] = told
+    assert client == "carol" and result.finish_reason == "cancelled"
+    assert seen <= result.usage.completion_tokens < 5000
+
+
+def test_a_caller_that_gives_up_on_several_choices_has_each_accounted_once(host):
+    """One choice had finished when the caller gave up (its result reached nobody), one was still running."""
+    told, had = [], []
+    host.on_abandoned, host.on_result = told.append, had.append
+    try:
+
+        async def give_up():
+            short = GenerationRequest("short", params=SamplingParams(max_new_tokens=2, ignore_eos=True))
+            long = GenerationRequest("long", params=SamplingParams(max_new_tokens=5000, ignore_eos=True))
+            handles = host.submit_all([short, long])
+            waiting = asyncio.ensure_future(host.results_of(handles))
+            while not handles[0].done:
+                await asyncio.sleep(0.01)
+            waiting.cancel()  # the client left
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+
+        asyncio.run(give_up())
+        deadline = time.monotonic() + 30
+        while len(told) < 2:
+            assert time.monotonic() < deadline, f"only {len(told)} of 2 reported"
+            time.sleep(0.01)
+        time.sleep(0.1)
+    finally:
+        host.on_abandoned = host.on_result = None
+    assert sorted(result.finish_reason for result in told) == ["cancelled", "length"] and had == []

@@ -115,7 +115,7 @@ class Engine:
             return list(await asyncio.gather(*(handle.wait() for handle in handles)))
         except asyncio.CancelledError:
             for handle in handles:
-                handle.cancel()
+                handle.abandon()
             raise
 
     def cancel(self, request_id: str) -> bool:

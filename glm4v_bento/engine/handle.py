@@ -2,18 +2,25 @@
 
 The scheduler thread produces; callers consume from any thread (``result``) or from an
 asyncio loop (``wait``, ``events``). Text deltas are only kept for handles that stream.
+
+A caller that gives up (its ``wait`` cancelled, its stream closed before ``Finished``)
+abandons the request: it is cancelled, and the result of what did run goes to the
+``on_abandoned`` callbacks, so that work done for nobody is still accounted for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from glm4v_bento.engine.types import GenerationRequest, GenerationResult, TokenLogprob
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class RequestHandle:
         self._lock = threading.Lock()
         self._buffer: list[StreamEvent] = []
         self._subscriber: tuple[asyncio.AbstractEventLoop, asyncio.Queue[StreamEvent]] | None = None
+        self._abandoned = False
+        self._abandoned_reported = False
+        self._abandoned_callbacks: list[Callable[[GenerationResult], object]] = []
 
     # --- caller side
 
@@ -54,6 +64,21 @@ class RequestHandle:
             self._cancelled.set()
             if self._on_cancel is not None:
                 self._on_cancel()
+
+    def abandon(self) -> None:
+        """The caller will not take the result: cancel the request, and hand its result (when
+        it comes) to the ``on_abandoned`` callbacks. Only for a caller that has not had it."""
+        with self._lock:
+            self._abandoned = True
+        self.cancel()
+        self._report_abandoned()
+
+    def on_abandoned(self, callback: Callable[[GenerationResult], object]) -> None:
+        """Call ``callback(result)`` once if the request is abandoned; from the thread that ends
+        it (the scheduler's, or the caller's that gives up after the result came)."""
+        with self._lock:
+            self._abandoned_callbacks.append(callback)
+        self._report_abandoned()
 
     @property
     def cancelled(self) -> bool:
@@ -75,7 +100,7 @@ class RequestHandle:
         try:
             return await asyncio.shield(asyncio.wrap_future(self._future))
         except asyncio.CancelledError:
-            self.cancel()
+            self.abandon()
             raise
 
     async def events(self) -> AsyncIterator[StreamEvent]:
@@ -96,7 +121,7 @@ class RequestHandle:
                 yield event
         finally:
             if not finished:  # the consumer went away (client disconnected, timeout)
-                self.cancel()
+                self.abandon()
 
     # --- scheduler side
 
@@ -110,6 +135,20 @@ class RequestHandle:
         if self.streaming:
             self._publish(Finished(result))
         self._future.set_result(result)
+        self._report_abandoned()
+
+    def _report_abandoned(self) -> None:
+        with self._lock:
+            if not (self._abandoned and self._future.done()) or self._abandoned_reported:
+                return
+            self._abandoned_reported = True
+            callbacks = list(self._abandoned_callbacks)
+        result = self._future.result()
+        for callback in callbacks:
+            try:
+                callback(result)
+            except Exception:  # accounting must not stop the scheduler that ends requests
+                logger.exception("a callback for an abandoned request failed")
 
     def _publish(self, event: StreamEvent) -> None:
         with self._lock:
@@ -120,12 +159,13 @@ class RequestHandle:
         try:
             loop.call_soon_threadsafe(queue.put_nowait, event)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-            self.cancel()
+            self.abandon()
 
 
 async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StreamEvent]]:
     """(index, event) from every handle (streamed) as they come, until each has finished.
-    Closing it early (the client left, one of them failed) cancels the ones still running."""
+    Closing it early (the client left, one of them failed) abandons each handle whose
+    ``Finished`` it has not passed on (cancelling those still running)."""
     if len(handles) == 1:  # the usual single stream: no tasks, no queue
         async with aclosing(handles[0].events()) as events:
             async for event in events:
@@ -141,18 +181,21 @@ async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int
             queue.put_nowait((index, exc))
 
     tasks = [asyncio.create_task(pump(index, handle)) for index, handle in enumerate(handles)]
+    passed_on: set[int] = set()  # the handles whose Finished went to our consumer
     try:
         for _ in handles:  # until one Finished per handle
             while True:
                 index, event = await queue.get()
                 if isinstance(event, Exception):
                     raise event
+                if isinstance(event, Finished):
+                    passed_on.add(index)
                 yield index, event
                 if isinstance(event, Finished):
                     break
     finally:
         for task in tasks:
             task.cancel()
-        for handle in handles:
-            if not handle.done:
-                handle.cancel()
+        for index, handle in enumerate(handles):
+            if index not in passed_on:  # its result, come or to come, reaches nobody
+                handle.abandon()
