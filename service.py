@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from glm4v_bento import access_log, bentoml_fixes
+from glm4v_bento import access_log, bentoml_fixes, client_error_logs
 from glm4v_bento.auth import ApiKeyAuth, load_keys
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
@@ -359,6 +359,8 @@ class GLM4V:
             request_id=request_id, model=source.ref, **result.model_dump(exclude={"request_id", "error", "error_type"})
         )
 
+
+client_error_logs.install()
 
 # Outermost first: log every request, who is calling, may they call now, is it within the limits,
 # is its client still there.

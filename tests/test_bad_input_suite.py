@@ -299,4 +299,8 @@ def test_the_server_is_healthy_afterwards(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "healthy"
     ok = httpx.post(f"{server.url}{INFER}", timeout=60, **form(PNG, {"text_prompt": "fine", "max_tokens": 3}))
     assert ok.status_code == 200 and ok.json()["status"] == "success"
-    assert "status=500" not in server.log()  # no request of the suite was a server error
+    log = server.log()
+    assert "status=500" not in log  # no request of the suite was a server error
+    # ...nor is it logged as one: one warning line per refused body, no traceback, nothing at ERROR.
+    assert "Traceback" not in log and "[ERROR]" not in log
+    assert "[WARNING]" in log and "refused a request to /v1/vision/inference [POST] with 400: request_data." in log
