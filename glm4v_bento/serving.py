@@ -17,14 +17,13 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from PIL import Image
 
 from glm4v_bento.config import Settings
 from glm4v_bento.engine import (
-    Engine,
     EngineClosedError,
     GenerationRequest,
     GenerationResult,
@@ -38,6 +37,9 @@ from glm4v_bento.model_source import ModelSource, revision_of
 from glm4v_bento.request_origin import RequestOrigin
 from glm4v_bento.result_cache import MemoryResultCache, ResultCache, cache_key, is_deterministic
 from glm4v_bento.schemas import BatchItem, BatchOutcome, HealthResponse
+
+if TYPE_CHECKING:
+    from glm4v_bento.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class ModelHost:
 
     def _load(self, resolve_path: Callable[[], str]) -> None:
         try:
+            from glm4v_bento.engine import Engine  # torch and transformers: only where the model runs
+
             started = time.perf_counter()
             self.model_path = resolve_path()
             engine = Engine.from_settings(self.settings.model_copy(update={"model": self.model_path}))

@@ -541,3 +541,12 @@ def test_arrival_harness_waits_for_plain_steps_however_slow_they_come():
         engine.stopped.set()
         thread.join()
     assert result == "answer" and 0 < pause < 1000
+
+
+def test_startup_bench_times_a_real_start_in_a_table_compare_revisions_reads(tiny_model_dir, tmp_path):
+    bench, compare = load_bench("startup_bench"), load_bench("compare_revisions")
+    output = tmp_path / "benchmarks.md"
+    assert bench.main(["--model", str(tiny_model_dir), "--runs", "1", "--output", str(output)]) == 0
+    header, rows = compare.parse_table(output.read_text())
+    assert header[:2] == ["from launch to", "seconds (median)"]
+    assert 0 < rows["answering HTTP"] <= rows["ready"] < 120

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 
 from glm4v_bento.config import Settings
+from glm4v_bento.engine.errors import QueueFullError
 from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.loader import LoadedModel, load_model
 from glm4v_bento.engine.prompt import PromptBuilder
 from glm4v_bento.engine.runner import ModelRunner
-from glm4v_bento.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits
+from glm4v_bento.engine.scheduler import Scheduler, SchedulerLimits
 from glm4v_bento.engine.types import GenerationRequest, GenerationResult, SamplingDefaults
 
 

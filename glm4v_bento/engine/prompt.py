@@ -16,15 +16,12 @@ from typing import Any
 
 import torch
 
+from glm4v_bento.engine.errors import PromptError
 from glm4v_bento.engine.parser import MARKERS as OUTPUT_MARKERS
 from glm4v_bento.engine.parser import THINK_CLOSE, THINK_OPEN
 from glm4v_bento.engine.types import GenerationRequest
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
-
-
-class PromptError(ValueError):
-    """A request that cannot become a prompt (too long, too many images...)."""
 
 
 @dataclass

@@ -30,9 +30,10 @@ from typing import Literal
 
 import torch
 
+from glm4v_bento.engine.errors import EngineClosedError, PromptError, QueueFullError
 from glm4v_bento.engine.handle import RequestHandle
 from glm4v_bento.engine.overlap import PendingTokens
-from glm4v_bento.engine.prompt import PreparedPrompt, PromptBuilder, PromptError
+from glm4v_bento.engine.prompt import PreparedPrompt, PromptBuilder
 from glm4v_bento.engine.prompt_builds import PromptBuilds, is_heavy
 from glm4v_bento.engine.runner import ModelRunner, Prefilled, PrefillJob
 from glm4v_bento.engine.sampling import next_token_tensor, sample_next_tokens, token_logprobs
@@ -55,14 +56,6 @@ _SHUTDOWN_NOTE = "the server shut down before this request finished"
 
 # Large-image prompts built beyond the rows free now: ready for the next rows that free up.
 PROMPTS_AHEAD = 2
-
-
-class QueueFullError(RuntimeError):
-    """The wait queue is full: try again shortly."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine was shut down and takes no more work."""
 
 
 @dataclass(frozen=True)
