@@ -77,6 +77,7 @@ bench: $(TINY)/config.json
 	$(BIN)/python bench/prefill_chunk_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/image_arrival_bench.py --model $(TINY) --output docs/benchmarks.md
 	$(BIN)/python bench/step_overhead_bench.py --model $(TINY) --output docs/benchmarks.md
+	$(BIN)/python bench/startup_bench.py --model $(TINY) --runs 3 --output docs/benchmarks.md
 	$(BIN)/python bench/compile_bench.py --output docs/benchmarks.md
 	$(BIN)/python bench/compile_bench.py --restart --output docs/benchmarks.md
 
