@@ -59,6 +59,7 @@ from glm4v_bento.schemas import (
 from glm4v_bento.serving import ModelHost, as_sent, internal_id, now_iso
 from glm4v_bento.streaming import MEDIA_TYPE as STREAM_MEDIA_TYPE
 from glm4v_bento.streaming import ndjson_events
+from glm4v_bento.unknown_routes import JsonRouteErrors
 
 settings = settings_inside_bento(get_settings(), Path(__file__).resolve().parent)
 bentoml_fixes.install()
@@ -363,7 +364,7 @@ class GLM4V:
 client_error_logs.install()
 
 # Outermost first: log every request, who is calling, may they call now, is it within the limits,
-# is its client still there.
+# is its client still there, and (next to the router) a JSON error for a path nobody serves.
 if settings.json_logs:
     access_log.configure()
     GLM4V.add_asgi_middleware(access_log.JsonAccessLog)
@@ -376,3 +377,4 @@ GLM4V.add_asgi_middleware(
     on_reject=_reject,
 )
 GLM4V.add_asgi_middleware(CancelOnDisconnect, on_left=lambda: get_metrics().clients_left.inc())
+GLM4V.add_asgi_middleware(JsonRouteErrors)

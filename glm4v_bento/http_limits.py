@@ -109,6 +109,13 @@ def openai_error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
+def error_body(status: int, message: str, code: str | None = None, *, openai: bool) -> dict[str, Any]:
+    """OpenAI's error shape (what its clients parse), or the native API's ``{"error": message}``."""
+    if openai:
+        return {"error": {"message": message, "type": openai_error_type(status), "param": None, "code": code}}
+    return {"error": message}
+
+
 async def reply_error(
     scope: Scope,
     send: Send,
@@ -119,11 +126,7 @@ async def reply_error(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer with a JSON error: OpenAI's shape on the OpenAI routes, ``{"error": message}`` elsewhere."""
-    if scope["path"].startswith(OPENAI_PREFIXES):  # OpenAI clients expect their error shape
-        error: object = {"message": message, "type": openai_error_type(status), "param": None, "code": code}
-    else:
-        error = message
-    body = json.dumps({"error": error}).encode()
+    body = json.dumps(error_body(status, message, code, openai=scope["path"].startswith(OPENAI_PREFIXES))).encode()
     all_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     all_headers += headers or []
     await send({"type": "http.response.start", "status": status, "headers": all_headers})

@@ -244,9 +244,11 @@ CASES = [
     ("chat penalty out of range", "POST", CHAT, chat(frequency_penalty=3.0), 400, "frequency_penalty"),
     ("chat max_tokens zero", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens"),
     # routes and methods
-    ("unknown route", "GET", "/v2/whatever", {}, 404, ""),
-    ("GET on a POST API", "GET", INFER, {}, 405, ""),
-    ("DELETE on models", "DELETE", "/v1/models", {}, 405, ""),
+    ("unknown route", "GET", "/v2/whatever", {}, 404, "no route for GET /v2/whatever: the APIs are listed at /"),
+    ("misspelt native route", "POST", "/v1/vision/inferenc", form(), 404, '{"error": "no route for POST'),
+    ("legacy OpenAI completions", "POST", "/v1/completions", chat(), 404, "API here is POST /v1/chat/completions"),
+    ("GET on a POST API", "GET", INFER, {}, 405, "does not take GET; it takes POST"),
+    ("DELETE on models", "DELETE", "/v1/models", {}, 405, '"code": "method_not_allowed"'),
 ]
 
 

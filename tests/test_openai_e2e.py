@@ -58,6 +58,14 @@ def test_models_lists_the_served_model(client):
         client.models.retrieve("gpt-4o")
 
 
+def test_an_api_this_server_does_not_serve_says_which_it_does(client):
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.completions.create(model="glm4v-tiny", prompt="hi")  # the legacy completions API
+    assert refused.value.body["code"] == "not_found"
+    shown = str(refused.value)  # what the client's user reads
+    assert "no route for POST /v1/completions" in shown and "POST /v1/chat/completions" in shown
+
+
 def test_each_answer_carries_its_id_where_the_client_looks_for_a_request_id(client):
     completion = client.chat.completions.create(model=MODEL, messages=[user("x", image=False)], max_tokens=2)
     assert completion.id.startswith("chatcmpl-") and completion._request_id == completion.id
