@@ -375,6 +375,7 @@ GLM4V.add_asgi_middleware(
     max_concurrency=settings.max_concurrency,
     max_body_bytes=settings.request_body_limit,
     on_reject=_reject,
+    body_timeout_s=settings.body_timeout_s,
 )
 GLM4V.add_asgi_middleware(CancelOnDisconnect, on_left=lambda: get_metrics().clients_left.inc())
 GLM4V.add_asgi_middleware(JsonRouteErrors)

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     gpu_type: str = Field("nvidia-a100-80gb", description="GPU type the service asks for when deployed.")
     request_timeout_s: int = Field(600, ge=1, description="A request running longer is answered with 504.")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once; more are answered with 429.")
+    body_timeout_s: float = Field(
+        60, gt=0, description="A request body that stops arriving (no bytes for this long) is answered with 408."
+    )
     adaptive_batching: bool = Field(
         True, description="Merge concurrent requests into one batch (off: each request runs alone)."
     )

@@ -1,13 +1,18 @@
-"""ASGI middleware: concurrency limit (429) and request-body limit (413) for client requests.
+"""ASGI middleware: concurrency limit (429), request-body limit (413) and body-read timeout (408)
+for client requests.
 
 BentoML's own ``traffic.max_concurrency`` also counts the service's calls to its own
 batcher (they go through the same HTTP stack), so N concurrent clients need 2N slots and
 the inner calls get 429s. This limiter counts client requests only: the service's own
-calls carry a per-process secret header and pass through.
+calls carry a per-process secret header and pass through. A request holds its place while its
+body arrives, so a body that stops arriving (a stalled or hostile client: 64 of them took every
+place for good) is answered with 408 once no byte has come for ``body_timeout_s``, as nginx's
+client_body_timeout does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,12 +33,18 @@ EXEMPT_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz", "/metrics"
 
 class RequestLimits:
     def __init__(
-        self, app: ASGIApp, max_concurrency: int, max_body_bytes: int, on_reject: Callable[[str], None] | None = None
+        self,
+        app: ASGIApp,
+        max_concurrency: int,
+        max_body_bytes: int,
+        on_reject: Callable[[str], None] | None = None,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.app = app
         self.on_reject = on_reject or (lambda reason: None)
         self.max_concurrency = max_concurrency
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,16 +69,30 @@ class RequestLimits:
             self.active -= 1
 
     async def _run_bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Count body bytes as they arrive (chunked uploads declare no length); refuse past the limit."""
+        """Count body bytes as they arrive (chunked uploads declare no length); refuse past the limit,
+        or when they stop arriving."""
         received = 0
         refused = False
+        body_done = False
+        answering = False  # the app has begun its answer: ours can no longer replace it
 
         async def bounded_receive() -> Message:
-            nonlocal received, refused
+            nonlocal received, refused, body_done
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done:  # what comes now is a disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                self.on_reject("body_timeout")
+                if not answering:
+                    refused = True
+                    reason = f"the request body stopped arriving: no bytes for {self.body_timeout_s:g} s"
+                    await reply_error(scope, send, 408, reason, headers=[(b"connection", b"close")])
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     refused = True
@@ -78,7 +103,9 @@ class RequestLimits:
             return message
 
         async def guarded_send(message: Message) -> None:
-            if not refused:  # the 413 is the answer; whatever the app says after it is dropped
+            nonlocal answering
+            if not refused:  # the 413 or 408 is the answer; whatever the app says after it is dropped
+                answering = answering or message["type"] == "http.response.start"
                 await send(message)
 
         await self.app(scope, bounded_receive, guarded_send)

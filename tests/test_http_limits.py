@@ -91,3 +91,30 @@ def test_openai_routes_get_openai_shaped_refusals():
     assert response.status_code == 413
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and "limit" in error["message"]
+
+
+def test_a_body_that_stops_arriving_gets_408_and_its_place_back_while_a_slow_one_goes_on():
+    async def scenario():
+        inner = SlowApp()
+        inner.release.set()
+        app = RequestLimits(inner, max_concurrency=1, max_body_bytes=10_000, body_timeout_s=0.3)
+
+        async def stalls():
+            yield b"x" * 10
+            await asyncio.sleep(30)  # the client stops sending
+            yield b"never"
+
+        async def slow_but_steady():
+            for _ in range(8):  # 0.8 s in all, but never 0.3 s without a byte
+                await asyncio.sleep(0.1)
+                yield b"x" * 10
+
+        async with client(app) as http:
+            stalled = await asyncio.wait_for(http.post("/v1/vision/inference", content=stalls()), 5)
+            slow = await http.post("/v1/vision/inference", content=slow_but_steady())
+        return stalled, slow, app.active
+
+    stalled, slow, active = asyncio.run(scenario())
+    assert stalled.status_code == 408 and "no bytes for 0.3 s" in stalled.json()["error"]
+    assert stalled.headers["connection"] == "close"
+    assert slow.status_code == 200 and active == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ def server(bentoml_home, tmp_path_factory):
         GLM4V_WARMUP_TOKENS="4000",  # a warm-up long enough to watch from outside
         GLM4V_MAX_CONCURRENCY="2",
         GLM4V_REQUEST_TIMEOUT_S="30",
+        GLM4V_BODY_TIMEOUT_S="2",
     )
     try:
         srv.wait_listening()
@@ -108,6 +110,33 @@ def test_requests_over_max_concurrency_get_429(server):
     refused = next(r for r in responses if r.status_code == 429)
     assert "limit 2" in refused.json()["error"] and refused.headers["retry-after"]
     assert health.status_code == 200
+
+
+def _answer_to(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or 15 s pass)."""
+    sock.settimeout(15)
+    answer = b""
+    while chunk := sock.recv(4096):
+        answer += chunk
+    return answer
+
+
+def test_request_bodies_that_stop_arriving_get_408_and_give_their_places_back(server):
+    server.wait_ready()
+    head = b"POST /v1/vision/inference HTTP/1.1\r\nHost: test\r\nContent-Length: 5000\r\n"
+    head += b"Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\n"
+    stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(head)  # and not one byte more
+        time.sleep(0.5)
+        assert infer(server.url, 2).status_code == 429  # both places are held by bodies that do not come
+        for answer in [_answer_to(sock) for sock in stalled]:
+            assert answer.startswith(b"HTTP/1.1 408") and b"no bytes for 2 s" in answer, answer
+        assert infer(server.url, 2).status_code == 200  # the places are free again
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_a_request_past_the_timeout_gets_504(bentoml_home, tmp_path):
