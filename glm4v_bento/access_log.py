@@ -68,7 +68,7 @@ class JsonAccessLog:
         stats: dict = {}
         token = _stats.set(stats)
         started = time.perf_counter()
-        response: dict = {"status": None, "request_id": None}
+        response: dict = {"status": None, "request_id": None, "complete": False}
 
         async def watching_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -76,14 +76,22 @@ class JsonAccessLog:
                 for name, value in message.get("headers", ()):
                     if name.lower() in _ID_HEADERS:
                         response["request_id"] = value.decode()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response["complete"] = True
             await send(message)
 
+        failed = False
         try:
             await self.app(scope, receive, watching_send)
+        except BaseException:
+            failed = True
+            raise
         finally:
             _stats.reset(token)
             if (scope.get("state") or {}).get(CLIENT_LEFT):
                 stats["client_left"] = True  # before the answer: its work was stopped
+            elif response["status"] is not None and not response["complete"] and not failed:
+                stats["client_left"] = True  # in the middle of a streamed answer, which stopped there
             logger.info(
                 "request",
                 extra={

@@ -107,13 +107,13 @@ def test_two_replicas_share_one_rate_limit_through_redis(tiny_model_dir, tmp_pat
             replica.stop()
 
 
-THIRD_KEY, FOURTH_KEY = "sk-test-gamma-1111111111", "sk-test-delta-2222222222"
+THIRD_KEY, FOURTH_KEY, FIFTH_KEY = "sk-test-gamma-1111111111", "sk-test-delta-2222222222", "sk-test-eps-3333333333"
 
 
 @pytest.fixture(scope="module")
 def tpm_limited(tiny_model_dir, tmp_path_factory):
     """20 generated tokens per minute per key; each test spends its own keys."""
-    keys = ",".join((KEY, OTHER_KEY, THIRD_KEY, FOURTH_KEY))
+    keys = ",".join((KEY, OTHER_KEY, THIRD_KEY, FOURTH_KEY, FIFTH_KEY))
     log = tmp_path_factory.mktemp("tpm") / "serve.log"
     with Server(tiny_model_dir, log, GLM4V_RATE_LIMIT_TPM="20", GLM4V_API_KEYS=keys) as srv:
         yield srv
@@ -163,6 +163,17 @@ def test_a_client_that_leaves_its_stream_still_pays_for_the_tokens_it_had(tpm_li
         time.sleep(0.05)
     refused = batch_generate(url, FOURTH_KEY, 1)
     assert refused.status_code == 429 and "20 generated tokens per minute" in refused.text
+    # Its access-log line says the client left in the middle; a stream read to its end does not.
+    fresh = openai.OpenAI(base_url=f"{url}/v1", api_key=FIFTH_KEY, max_retries=0)  # one not in debt
+    whole = fresh.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=3,
+    )  # fmt: skip
+    assert len(list(whole)) > 1
+    cut_id, whole_id = stream.response.headers["x-request-id"], whole.response.headers["x-request-id"]
+    lines = access_lines(tpm_limited, lambda lines: any_with(lines, cut_id) and any_with(lines, whole_id))
+    by_id = {line.get("request_id"): line for line in lines}
+    assert by_id[cut_id]["status"] == 200 and by_id[cut_id].get("client_left") is True
+    assert "client_left" not in by_id[whole_id]
 
 
 def test_one_json_log_line_per_request_without_prompts_or_keys(keyed):
