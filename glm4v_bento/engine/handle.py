@@ -96,7 +96,7 @@ class RequestHandle:
         return self._future.result(timeout)
 
     async def wait(self) -> GenerationResult:
-        """The final result; cancelling the awaiting task cancels the request."""
+        """The final result; cancelling the awaiting task abandons the request (see ``abandon``)."""
         try:
             return await asyncio.shield(asyncio.wrap_future(self._future))
         except asyncio.CancelledError:
@@ -104,7 +104,7 @@ class RequestHandle:
             raise
 
     async def events(self) -> AsyncIterator[StreamEvent]:
-        """Text deltas as they are produced, then one ``Finished``. Leaving early cancels the request."""
+        """Text deltas as they are produced, then one ``Finished``. Leaving early abandons the request."""
         if not self.streaming:
             raise RuntimeError("this request was not submitted with stream=True")
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
