@@ -136,10 +136,12 @@ def openai_error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
-def error_body(status: int, message: str, code: str | None = None, *, openai: bool) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, code: str | None = None, *, openai: bool, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape (what its clients parse), or the native API's ``{"error": message}``."""
     if openai:
-        return {"error": {"message": message, "type": openai_error_type(status), "param": None, "code": code}}
+        return {"error": {"message": message, "type": openai_error_type(status), "param": param, "code": code}}
     return {"error": message}
 
 

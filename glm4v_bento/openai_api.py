@@ -34,7 +34,7 @@ from glm4v_bento.engine import (
     Turn,
     merged_events,
 )
-from glm4v_bento.http_limits import openai_error_type
+from glm4v_bento.http_limits import error_body, openai_error_type
 from glm4v_bento.image_urls import ImageURLError, URLPolicy, image_bytes
 from glm4v_bento.images import CheckedImage, ImageError, check_image
 from glm4v_bento.openai_schemas import (
@@ -64,10 +64,12 @@ class OpenAIError(Exception):
     def type(self) -> str:
         return openai_error_type(self.status)
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.code, openai=True, param=self.param)
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         headers = {"Retry-After": "5"} if self.status in (429, 503) else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def create_routes(
@@ -378,9 +380,7 @@ async def _sse_events(
                 continue
             result = event.result
             if result.finish_reason not in ("stop", "length"):
-                error = _failure(result)
-                body = {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
-                yield f"data: {json.dumps(body)}\n\n"
+                yield f"data: {json.dumps(_failure(result).body())}\n\n"
                 break  # the other choices are cancelled on the way out
             results.append(result)
             yield _chunk(

@@ -250,9 +250,10 @@ class ModelHost:
             if isinstance(refused, QueueFullError):
                 outcomes[index] = BatchOutcome(request_id=items[index].request_id, status=429, error=str(refused))
         # A client's own items (not an in-process caller's): accounted in their requests, however they end.
-        own = {index for index, _ in handles if not _from_this_process(items[index])}
+        own: set[int] = set()
         for index, handle in handles:
-            if index in own:
+            if not _from_this_process(items[index]):
+                own.add(index)
                 self.account_if_abandoned(handle, items[index].origin)
         received: set[int] = set()
         try:

@@ -188,10 +188,11 @@ async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int
                 index, event = await queue.get()
                 if isinstance(event, Exception):
                     raise event
-                if isinstance(event, Finished):
+                finished = isinstance(event, Finished)
+                if finished:
                     passed_on.add(index)
                 yield index, event
-                if isinstance(event, Finished):
+                if finished:
                     break
     finally:
         for task in tasks:
