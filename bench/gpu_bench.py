@@ -106,11 +106,9 @@ def describe_decode(runner) -> str:
     else:
         how += ", queries-keys-values in one matrix multiply"
         how += "" if fused == layers else f" in {fused} of {layers} layers"
-    if path["compiled"] and runner.device.type in decode_attention.SPLIT_DEVICES:  # only compiled steps take them
-        if decode_attention.split_attention_enabled():
-            how += ", attention by the split-KV kernels (batches too)"
-        elif runner.compiled.split_attention:
-            how += ", one row's attention by the split-KV kernels"
+    split = path["compiled"] and runner.device.type in decode_attention.SPLIT_DEVICES  # only compiled steps take them
+    if split and runner.compiled.split_attention:
+        how += ", attention by the split-KV kernels"
     tuning = runner.compiled.profiled_tuning if runner.compiled is not None else None
     if tuning is not None:  # what the profiler timed, and whether it gave up
         how += f", tuned by profiled kernel time ({tuning.timed} candidate launches"
@@ -225,13 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "--split-attention",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="a compiled one-row step on a GPU attends with the split-KV kernels, the cache's columns spread over "
+        help="a compiled step on a GPU attends with the split-KV kernels, the cache's columns spread over "
         "the multiprocessors (as served: glm4v_bento/engine/split_attention.py); --no-split-attention: SDPA",
-    )
-    parser.add_argument(
-        "--split-attention-batches",
-        action="store_true",
-        help="compiled batches on a GPU attend with the split-KV kernels too (an experiment)",
     )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--section", default="gpu-bench", help="name of the section in the output file")
@@ -247,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             parser.error(f"--compile-option {option!r}: expected NAME=JSON, e.g. triton.enable_pdl=true")
     compiled_step.STORE_MLP_ACTIVATION = args.store_mlp_activation  # read when a layer is compiled
-    decode_attention.use_split_attention(args.split_attention_batches)  # read when the step is traced
     if args.fuse_rotary:  # shown among the options in the report
         compiled_step.COMPILE_OPTIONS.update(compiled_step.FUSED_ROTARY_OPTIONS)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

@@ -13,13 +13,12 @@
 #                   as kernels alone, replayed back to back and with each token read back; then the same
 #                   with the MLP activation stored and with the rotary embedding fused (the two experiments,
 #                   in the same process); each kernel's time per call beside what its tuning measured alone
-#   defaults-ab     one stream as served and with neither setting that took it to 0.77 of the bound on an H200
-#                   (2026-11-27: tuning timed by the profiler, the split-KV attention kernels for one row),
-#                   alternately, as mlp-ab: whether they hold on this GPU (gpu-defaults-ab)
-#   split-batches-ab  8 and 32 sequences as served (SDPA for batches) and with the split-KV kernels for batches
-#                   too (--split-attention-batches), alternately, as mlp-ab (gpu-split-attention-batches-ab)
-#   split-ab        one stream as served and with SDPA instead of the split-KV kernels (--no-split-attention),
-#                   alternately, as mlp-ab: the kernels' share, most of it after the image (gpu-split-attention-ab)
+#   defaults-ab     one stream as served and with neither setting that took it to 0.75-0.78 of the bound on an
+#                   H200 (2026-11-27: tuning timed by the profiler, the split-KV attention kernels), alternately,
+#                   as mlp-ab: whether they hold on this GPU (gpu-defaults-ab)
+#   split-ab        1, 8 and 32 sequences as served and with SDPA instead of the split-KV kernels
+#                   (--no-split-attention), alternately, as mlp-ab: the kernels' share, most of it for one stream
+#                   after the image (gpu-split-attention-ab)
 #   tuning-ab       one stream as served and with Inductor's own tuning, timed by events around each launch
 #                   (--no-profiled-tuning), alternately, as mlp-ab: the profiler's share (gpu-profiled-tuning-ab)
 #   profile-split   the profile after the image's length of context (1400 words), as served and with SDPA instead
@@ -104,8 +103,8 @@ ab() {  # one A/B step: one stream without and with the setting $2, alternately,
     --section "$3" --output "$report" -- bench/gpu_bench.py --concurrency --decode-tokens 128 "${extra[@]}" "${@:4}"
 }
 base=${BASE_TREE:-.base}  # the engine before the GPU work, from `make gpu-kit`
-if [ -d "$base" ]; then default_steps="gpu-tests served defaults-ab split-batches-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
-else default_steps="gpu-tests served defaults-ab split-batches-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
+if [ -d "$base" ]; then default_steps="gpu-tests served defaults-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm before-after compile prefill-chunks eager graphs-only compile-restart"
+else default_steps="gpu-tests served defaults-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions profile-long wider-tuning unfused-qkv pdl combo one-row-gemm compile prefill-chunks eager graphs-only compile-restart"; fi  # nothing to compare with
 STEPS=${STEPS:-$default_steps}
 if [[ " ${extra[*]} " == *" --tiny "* ]]; then
   chunk_model=(--architecture tiny --device cpu --prompt-words 100)
@@ -160,9 +159,8 @@ for name in $STEPS; do
       "${wide_search[@]}" --section gpu-bench-wider-tuning --output "$report" ;;
     served) step "$name" "$PYTHON" bench/gpu_bench.py "${extra[@]}" --output "$report" ;;
     defaults-ab) ab "$name" "--no-profiled-tuning --no-split-attention" gpu-defaults-ab ;;
-    split-ab) ab "$name" --no-split-attention gpu-split-attention-ab ;;
+    split-ab) ab "$name" --no-split-attention gpu-split-attention-ab --concurrency 8 32 ;;
     tuning-ab) ab "$name" --no-profiled-tuning gpu-profiled-tuning-ab ;;
-    split-batches-ab) ab "$name" --split-attention-batches gpu-split-attention-batches-ab --concurrency 8 32 ;;
     profile-split) step "$name" "$PYTHON" bench/decode_profile.py "${profile_model[@]}" --sdpa-attention \
       --prompt-words "$image_words" --section decode-profile-split --output "$report" ;;
     tuning-wide-ab) ab "$name" "${wide_search[*]}" gpu-profiled-wide-tuning-ab ;;
@@ -171,7 +169,7 @@ for name in $STEPS; do
     rotary-ab) ab "$name" --fuse-rotary gpu-rotary-ab ;;
     mlp-activation) step "$name" "$PYTHON" bench/gpu_bench.py --concurrency 8 --decode-tokens 128 "${extra[@]}" \
       --store-mlp-activation --section gpu-bench-mlp-activation --output "$report" ;;
-    *) echo "== unknown step $name (known: gpu-tests served defaults-ab split-batches-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
+    *) echo "== unknown step $name (known: gpu-tests served defaults-ab split-ab tuning-ab profile-split tuning-wide-ab profile both-ab mlp-ab rotary-ab mlp-activation autotune-reductions compile-restart pdl combo one-row-gemm unfused-qkv profile-long wider-tuning before-after compile prefill-chunks eager graphs-only)" \
       | tee -a "$OUT/log.txt"; failed+=("$name") ;;
   esac
 done

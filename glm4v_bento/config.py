@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     )
     split_attention: bool = Field(
         True,
-        description="A compiled single-stream decode step on a GPU attends with this project's split-KV kernels, "
+        description="A compiled decode step on a GPU attends with this project's split-KV kernels, "
         "which spread the cache over all the GPU's multiprocessors; false: PyTorch's SDPA.",
     )
     profiled_tuning: bool = Field(

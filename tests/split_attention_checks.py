@@ -1,6 +1,6 @@
-"""The split-KV attention kernels for compiled decode steps on a GPU: as served, for one row only
-(batches keep SDPA unless the experiment asks), and the same attention as SDPA's. Their speed is a
-GPU figure (bench/gpu_session.sh's split-ab).
+"""The split-KV attention kernels for compiled decode steps on a GPU: as served, for one row and
+for batches, and the same attention as SDPA's. Their speed is a GPU figure (bench/gpu_session.sh's
+split-ab).
 
 Its Triton kernels run here through Triton's interpreter, on the CPU. Triton decides at import
 whether it interprets, so these checks run in a process of their own, started with
@@ -73,9 +73,8 @@ def test_split_attention_without_a_mask_attends_to_every_column():
 
 @pytest.fixture
 def split_on_the_cpu(monkeypatch):
+    """The CPU's compiled steps take the split kernels, as a GPU's do when served."""
     monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
-    with attention.switched_on(attention.use_split_attention):
-        yield
 
 
 def decoded_through_joins_and_leaves(tiny_model_dir, engine) -> ModelRunner:
@@ -90,7 +89,7 @@ def decoded_through_joins_and_leaves(tiny_model_dir, engine) -> ModelRunner:
     return runner
 
 
-def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
+def test_as_served_compiled_steps_of_one_row_and_of_batches_attend_with_the_split_kernels(
     tiny_model_dir, engine, split_on_the_cpu, split_attention_launches
 ):
     runner = decoded_through_joins_and_leaves(tiny_model_dir, engine)
@@ -101,28 +100,16 @@ def test_a_compiled_step_with_split_attention_decodes_what_transformers_does(
     assert runner.compiled.enabled and runner.compiled.checked  # ...which agreed with the eager step
 
 
-def test_as_served_only_one_row_steps_take_the_split_kernels(
-    tiny_model_dir, engine, monkeypatch, split_attention_launches
-):
-    monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
-    runner = decoded_through_joins_and_leaves(tiny_model_dir, engine)  # steps of one row and of several
-
-    assert runner.compiled.compilations == 2 and runner.compiled.enabled  # one row, batches: both agreed
-    assert split_attention_launches and set(split_attention_launches) == {1}
-
-
 def test_split_attention_switched_off_and_the_eager_step_attend_with_sdpa(
-    tiny_model_dir, engine, monkeypatch, split_attention_launches
+    tiny_model_dir, engine, split_on_the_cpu, split_attention_launches
 ):
-    monkeypatch.setattr(attention, "SPLIT_DEVICES", {"cuda", "cpu"})
     loaded = load_model(str(tiny_model_dir), device="cpu")
     prompt = engine.prompts.build(REQUESTS[0])
     switched_off = ModelRunner(loaded, max_rows=2, compile_decode=True, split_attention=False)
     decode_alone(switched_off, prompt, Reference(loaded, prompt))  # GLM4V_SPLIT_ATTENTION=false
     assert switched_off.compiled.enabled and not split_attention_launches
 
-    with attention.switched_on(attention.use_split_attention):
-        decode_alone(ModelRunner(loaded, max_rows=2), prompt, Reference(loaded, prompt))
-    assert (
-        not split_attention_launches
-    )  # on for every step, but the eager step (which checks each compilation) still attends with SDPA
+    as_served_uncompiled = ModelRunner(loaded, max_rows=2)  # a CPU's default: eager steps, split attention on
+    decode_alone(as_served_uncompiled, prompt, Reference(loaded, prompt))
+    assert as_served_uncompiled.compiled is None
+    assert not split_attention_launches  # eager steps (which also check each compilation) attend with SDPA

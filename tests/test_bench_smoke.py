@@ -58,17 +58,12 @@ def test_gpu_bench_tiny_mode_runs_on_the_cpu(tmp_path, capsys):
     assert "| 1, steps overlapped (GLM4V_OVERLAP_STEPS=true) |" in table and "each waited for." in table
 
 
-@pytest.mark.parametrize(
-    "switches", [[], ["--split-attention-batches", "--no-split-attention", "--no-profiled-tuning"]]
-)
+@pytest.mark.parametrize("switches", [[], ["--no-split-attention", "--no-profiled-tuning"]])
 def test_gpu_bench_reports_the_attention_and_tuning_a_gpu_would_take(capsys, switches):
-    """The split-KV and profiled-tuning switches (as served, the batches' experiment, both off). A CPU
-    compiles no Triton kernels and attends with SDPA: the report claims neither there."""
+    """The split-KV and profiled-tuning switches (as served, both off). A CPU compiles no Triton
+    kernels and attends with SDPA: the report claims neither there."""
     bench = load_bench("gpu_bench")
-    try:
-        assert bench.main(["--tiny", "--compile", "--concurrency", "2", *switches]) == 0
-    finally:
-        bench.decode_attention.use_split_attention(False)
+    assert bench.main(["--tiny", "--compile", "--concurrency", "2", *switches]) == 0
     table = capsys.readouterr().out
     assert "decode steps compiled (torch.compile)" in table and "| 2 |" in table
     assert "split-KV" not in table and "profiled kernel time" not in table
@@ -172,8 +167,8 @@ def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_ea
 
 # The steps a GPU session runs first, on the newest code: every commit walks these. The whole list
 # takes four minutes here, so it is a slow test, run by `make gpu-kit` before a session and by `make test-slow`.
-FIRST_STEPS = ["gpu-tests", "served", "defaults-ab", "split-batches-ab"]
-FIRST_SECTIONS = ["gpu-bench", "gpu-defaults-ab", "gpu-split-attention-batches-ab"]
+FIRST_STEPS = ["gpu-tests", "served", "defaults-ab", "split-ab"]
+FIRST_SECTIONS = ["gpu-bench", "gpu-defaults-ab", "gpu-split-attention-ab"]
 
 
 def walk_gpu_session(steps: list[str], tmp_path: Path) -> str:

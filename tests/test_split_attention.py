@@ -39,7 +39,7 @@ def test_split_attention_checks_pass_under_tritons_interpreter():
         assert "skipped" not in summary, summary
         found = re.search(r"(\d+) passed", summary)
         passed += int(found.group(1)) if found else 0
-    assert passed == 14  # every check ran
+    assert passed == 13  # every check ran
 
 
 def compile_for(capability: int, kernel, signature: dict[str, str], constants: dict) -> object:
@@ -102,24 +102,24 @@ def compiling(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
 
-def test_as_served_a_compiled_step_takes_the_split_kernels_for_one_row_only(compiling):
+def test_a_compiled_step_takes_the_split_kernels_on_a_gpu_while_asked_to(compiling):
     from glm4v_bento.engine import decode_attention
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    with decode_attention.split_attention_rows(1):
-        assert decode_attention._splits(1, gpu)
-        assert not decode_attention._splits(2, gpu) and not decode_attention._splits(32, gpu)
-        assert not decode_attention._splits(1, cpu)
-    assert not decode_attention._splits(1, gpu)  # outside a compiled step's call: nothing asked
-    with decode_attention.split_attention_rows(0), decode_attention.switched_on(decode_attention.use_split_attention):
-        assert decode_attention._splits(1, gpu) and decode_attention._splits(32, gpu)  # the batches' experiment
+    with decode_attention.split_attention_on(True):
+        assert decode_attention._splits(gpu)
+        assert not decode_attention._splits(cpu)
+        with decode_attention.split_attention_on(False):  # GLM4V_SPLIT_ATTENTION=false
+            assert not decode_attention._splits(gpu)
+        assert decode_attention._splits(gpu)  # the setting before is back
+    assert not decode_attention._splits(gpu)  # outside a compiled step's call: nothing asked
 
 
 def test_the_eager_step_never_takes_the_split_kernels():
     from glm4v_bento.engine import decode_attention
 
-    with decode_attention.split_attention_rows(1):
-        assert not decode_attention._splits(1, torch.device("cuda", 0))  # not compiling
+    with decode_attention.split_attention_on(True):
+        assert not decode_attention._splits(torch.device("cuda", 0))  # not compiling
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -131,11 +131,11 @@ def test_a_compiled_step_asks_for_the_split_kernels_while_its_call_runs(split):
     seen = []
 
     def forward(rows, columns, parts):  # the compiled call; torch.compile would trace inside it
-        seen.append(decode_attention._split_rows)
+        seen.append(decode_attention._splitting)
         return torch.zeros(rows, 4)
 
     step = CompiledStep(forward, DecodeParts(begin=forward, layer=forward, end=forward), split_attention=split)
     step.compiled(1, 16)
     step.eager(1, 16)
-    assert seen == [1 if split else 0, 0]
-    assert decode_attention._split_rows == 0
+    assert seen == [split, False]
+    assert decode_attention._splitting is False

@@ -148,7 +148,7 @@ class CompiledStep:
     ) -> None:
         """``profiled_tuning``: coordinate descent times each candidate launch by its kernel's
         device time, not by events around a launch whose host work outlasts a one-row kernel
-        (profiled_tuning.py). ``split_attention``: one-row steps on a GPU attend with the split-KV
+        (profiled_tuning.py). ``split_attention``: compiled steps on a GPU attend with the split-KV
         kernels (decode_attention.py)."""
         self.eager: Forward = lambda rows, columns: forward(rows, columns, parts)
         self.options = dict(COMPILE_OPTIONS)  # as they are now: torch.compile takes them at once
@@ -166,7 +166,7 @@ class CompiledStep:
             with (
                 fx_config.patch(use_duck_shape=False),  # read when torch.compile traces
                 tuning(),
-                decode_attention.split_attention_rows(1 if self.split_attention else 0),
+                decode_attention.split_attention_on(self.split_attention),
             ):
                 return forward(rows, columns, compiled_parts)
 

@@ -12,14 +12,13 @@ per (row, KV head), so a single stream's attention runs on two of the GPU's stre
 multiprocessors whatever the context's length. Inductor's flex-decoding kernel splits the
 columns over all of them. Whether that pays, and from what context length, is for the GPU to say.
 
-For the same reason, a compiled single-stream step on a GPU attends with this project's own
-split-KV kernels (split_attention.py), made for exactly this shape: one block of threads per
-chunk of columns, all 16 query heads of a KV head in one matrix multiply. On an H200 one stream
-decoded 1.20x faster with them and tuning timed by the profiler than without either, and 1.40x
-after a 1024x1024 image (2026-11-27, docs/benchmarks.md). The compiled step switches them on
-while it runs (``split_attention_rows``; the setting GLM4V_SPLIT_ATTENTION turns them off).
-Batches keep SDPA (more rows give it more blocks) until a GPU shows the kernels pay there too:
-``use_split_attention(True)`` (the benchmarks' ``--split-attention-batches``) is that experiment.
+For the same reason, a compiled step on a GPU attends with this project's own split-KV kernels
+(split_attention.py), made for this shape: one block of threads per chunk of columns, all 16
+query heads of a KV head in one matrix multiply. On an H200 one stream decoded 1.20x faster with
+them and tuning timed by the profiler than without either, and 1.40x after a 1024x1024 image;
+batches of 8 and 32 rows 1.05x and 1.02x faster than with SDPA, in both of two alternating rounds
+(2026-11-27, docs/benchmarks.md). The compiled step switches them on while it runs
+(``split_attention_on``; the setting GLM4V_SPLIT_ATTENTION turns them off).
 Only compiled steps take the split kernels or FlexAttention, so the eager step that checks each
 compilation still attends through SDPA.
 """
@@ -43,8 +42,7 @@ NAME = "glm4v_bento_decode"
 FLEX_DEVICES = {"cuda"}
 SPLIT_DEVICES = {"cuda"}
 _flex_decoding = False
-_split_attention = False  # the experiment: every compiled step, batches too
-_split_rows = 0  # the most rows a compiled step attends for with the split kernels, while it runs
+_splitting = False  # while a compiled step that takes the split kernels runs
 
 
 def use_flex_decoding(enabled: bool) -> None:
@@ -53,34 +51,21 @@ def use_flex_decoding(enabled: bool) -> None:
     _flex_decoding = enabled
 
 
-def use_split_attention(enabled: bool) -> None:
-    """Every compiled step on a GPU, batches too, attends with the split-KV kernels (they compile
-    again on their next step)."""
-    global _split_attention
-    _split_attention = enabled
-
-
-def split_attention_enabled() -> bool:
-    return _split_attention
-
-
 @contextlib.contextmanager
-def split_attention_rows(rows: int) -> Iterator[None]:
-    """While inside, compiled steps of up to ``rows`` rows on a GPU attend with the split-KV
-    kernels (0: none). Read when a step is traced, so torch.compile guards on it: a step compiled
-    under one value is not replayed under another."""
-    global _split_rows
-    before, _split_rows = _split_rows, rows
+def split_attention_on(enabled: bool) -> Iterator[None]:
+    """While inside, compiled steps on a GPU attend with the split-KV kernels if ``enabled``. Read
+    when a step is traced, so torch.compile guards on it: a step compiled under one value is not
+    replayed under the other."""
+    global _splitting
+    before, _splitting = _splitting, enabled
     try:
         yield
     finally:
-        _split_rows = before
+        _splitting = before
 
 
-def _splits(rows: int, device: torch.device) -> bool:
-    if device.type not in SPLIT_DEVICES or not torch.compiler.is_compiling():
-        return False
-    return _split_attention or rows <= _split_rows
+def _splits(device: torch.device) -> bool:
+    return _splitting and device.type in SPLIT_DEVICES and torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager
@@ -107,7 +92,7 @@ def decode_attention(
     if _flex_decoding and query.device.type in FLEX_DEVICES and torch.compiler.is_compiling():
         output = flex_decode(query, key, value, attention_mask, scaling)
         return output.transpose(1, 2), None
-    if _splits(rows, query.device):
+    if _splits(query.device):
         scale = scaling if scaling is not None else head_dim**-0.5
         output = split_decode_attention(query, key, value, attention_mask, scale)  # (rows, heads, head_dim)
         return output.unsqueeze(1), None

@@ -80,7 +80,7 @@ class ModelRunner:
         profiled_tuning: bool = True,
     ) -> None:
         """``compile_decode``: torch.compile the decode step (None: on a single CUDA device only).
-        ``split_attention``: a compiled single-stream step on a GPU attends with the split-KV
+        ``split_attention``: a compiled decode step on a GPU attends with the split-KV
         kernels (decode_attention.py). ``profiled_tuning``: on a GPU, the compiled step's kernels
         are tuned by their profiled device time (profiled_tuning.py).
         ``prefill_chunk_tokens``: the most prompt columns one prefill step runs (0: all; None:

@@ -13,8 +13,8 @@ with a running softmax), and a second kernel weighs the chunks' partial results 
 block per query head. The mask is SDPA's: additive, (rows, 1, 1, columns).
 
 It is a custom op with a shape-only (fake) version, so a compiled step calls it as one opaque
-kernel launch pair and CUDA graphs capture it. A compiled one-row step on a GPU takes them as
-served (decode_attention.py says when, and what they measured). The Triton kernels are compiled
+kernel launch pair and CUDA graphs capture it. Compiled steps on a GPU take them as served
+(decode_attention.py says when, and what they measured). The Triton kernels are compiled
 at first use; the CPU tests run them through Triton's interpreter, in a process started with
 TRITON_INTERPRET=1 (Triton reads it when it is imported).
 """
@@ -30,7 +30,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # Triton comes with torch's Linux wheels; without it the experiment cannot run
+except ImportError:  # Triton comes with torch's Linux wheels; without it the kernels cannot run
     triton = tl = None
 
 SPLITS = 64  # chunks per (row, KV head) for one row: about one block per multiprocessor on an H100/H200
