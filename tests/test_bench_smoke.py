@@ -165,8 +165,8 @@ def test_compare_revisions_tries_a_setting_against_this_tree_compiling_afresh_ea
     assert all(f"| 1 | {rate} |" in logged for rate in (111.0, 102.0, 113.0, 104.0))
 
 
-# The steps a GPU session runs first, on the newest code: every commit walks these. The whole list
-# takes four minutes here, so it is a slow test, run by `make gpu-kit` before a session and by `make test-slow`.
+# The steps a GPU session runs first, on the newest code. Walking every step takes four minutes here,
+# so it is a slow test, run by `make gpu-kit` before a session and by `make test-slow`.
 FIRST_STEPS = ["gpu-tests", "served", "defaults-ab", "split-ab"]
 FIRST_SECTIONS = ["gpu-bench", "gpu-defaults-ab", "gpu-split-attention-ab"]
 
@@ -198,30 +198,23 @@ def session_steps() -> list[str]:
     return re.findall(r'default_steps="([^"]+)"', script)[-1].split()
 
 
-def test_gpu_session_script_walks_its_first_steps_on_the_cpu(tmp_path):
-    """The steps a GPU session runs first, with --tiny on the CPU, so they cannot rot unseen."""
-    assert set(FIRST_STEPS) <= set(session_steps()[:6])  # still among the first the session runs
-    report = walk_gpu_session(FIRST_STEPS, tmp_path)
-    for section in FIRST_SECTIONS:
-        assert f"<!-- {section}:start -->" in report
-    assert "| 2 |" in report
-
-
 @pytest.mark.slow
 def test_gpu_session_script_walks_every_step_on_the_cpu(tmp_path):
-    """Every step a lent GPU machine runs by default (the compile-restart step is compile_bench
-    --restart's test too)."""
+    """Every step a lent GPU machine runs by default, with --tiny on the CPU, so none rots unseen
+    (the compile-restart step is compile_bench --restart's test too)."""
     steps = session_steps()
-    assert len(steps) > 10 and "served" in steps
+    assert len(steps) > 10 and set(FIRST_STEPS) <= set(steps[:6])  # the most wanted still run first
     report = walk_gpu_session(steps, tmp_path)
     sections = set(re.findall(r"<!-- ([a-z0-9-]+):start -->", report))
     assert len(sections) == len(steps) - 1  # a section of its own from each step but gpu-tests
+    assert set(FIRST_SECTIONS) <= sections
     assert "| 2 |" in report
     # compile-restart: the second process found the first one's compiled graphs in their shared cache
     hits = re.search(r"found in the cache: (\d+) at the first start, (\d+) at the restart", report)
     assert hits and int(hits[1]) == 0 and int(hits[2]) > 0
 
 
+@pytest.mark.slow
 def test_gpu_session_compares_with_the_base_tree_where_there_is_no_git(tmp_path):
     """A lent machine may have no git: the before/after step works from the folder alone."""
     base = tmp_path / "base"
