@@ -151,8 +151,9 @@ class GLM4V:
     def __init__(self) -> None:
         self.host = ModelHost(settings, source, resolve_path=lambda: source.local_path(self.model_ref))
         self.metrics = get_metrics()  # here, in the worker, where /metrics collects from
-        self.host.on_result = self._on_result
-        self.host.on_abandoned = self._count_result
+        self.host.on_result = self._report_result
+        self.host.on_abandoned = self._report_result  # a client that left pays and is counted all the same
+        self.host.on_started = access_log.expect_result
         self.host.on_step = self.metrics.observe_step
         self.host.drain_on_sigterm(settings.shutdown_grace_s)
         if settings.result_cache_bytes > 0:
@@ -167,14 +168,12 @@ class GLM4V:
             )
             self.host.on_cache = self.metrics.cache_lookup
 
-    def _on_result(self, result: GenerationResult) -> None:
-        self._count_result(result)
-        access_log.note_result(result)
-
-    def _count_result(self, result: GenerationResult) -> None:
-        """Charge the client's tokens and count them: also for a client that left (from any thread)."""
+    def _report_result(self, result: GenerationResult) -> None:
+        """Charge the client's tokens, count them and add them to its access-log line (from any
+        thread, in the client's request context)."""
         limiter.charge_tokens(current_client.get(), result.usage.completion_tokens)
         self.metrics.observe_result(result)
+        access_log.note_result(result)
 
     def __is_ready__(self) -> bool:
         return self.host.ready

@@ -173,7 +173,9 @@ def test_a_client_that_leaves_its_stream_still_pays_for_the_tokens_it_had(tpm_li
     lines = access_lines(tpm_limited, lambda lines: any_with(lines, cut_id) and any_with(lines, whole_id))
     by_id = {line.get("request_id"): line for line in lines}
     assert by_id[cut_id]["status"] == 200 and by_id[cut_id].get("client_left") is True
-    assert "client_left" not in by_id[whole_id]
+    # ...with the tokens it is charged for: its 30 and whatever ran before the generation stopped.
+    assert by_id[cut_id]["finish_reason"] == "cancelled" and by_id[cut_id]["completion_tokens"] >= 30
+    assert "client_left" not in by_id[whole_id] and by_id[whole_id]["completion_tokens"] == 3
 
 
 def test_one_json_log_line_per_request_without_prompts_or_keys(keyed):
