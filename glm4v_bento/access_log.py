@@ -144,20 +144,26 @@ class JsonAccessLog:
             elif response["status"] is not None and not response["complete"] and not failed:
                 stats["client_left"] = True  # in the middle of a streamed answer, which stopped there
             duration_s = round(time.perf_counter() - started, 4)  # the client's, not the wait below
-            if stats.get("client_left") and not failed:  # its generations stop at their next step
-                await line.results_owed(ABANDONED_WAIT_S)
-            with line.lock:
-                fields = dict(stats)
-            logger.info(
-                "request",
-                extra={
-                    "request_id": response["request_id"],
-                    "client_request_id": _client_request_id(scope),
-                    "key_id": (scope.get("state") or {}).get("glm4v_key_id"),
-                    "method": scope.get("method"),
-                    "route": scope["path"],
-                    "status": response["status"],
-                    "duration_s": duration_s,
-                    **fields,
-                },
-            )
+            try:
+                if stats.get("client_left") and not failed:  # its generations stop at their next step
+                    await line.results_owed(ABANDONED_WAIT_S)
+            finally:  # written even if that wait is cut short (the server stopping)
+                _write(scope, response, duration_s, line)
+
+
+def _write(scope: Scope, response: dict, duration_s: float, line: _Line) -> None:
+    with line.lock:
+        fields = dict(line.stats)
+    logger.info(
+        "request",
+        extra={
+            "request_id": response["request_id"],
+            "client_request_id": _client_request_id(scope),
+            "key_id": (scope.get("state") or {}).get("glm4v_key_id"),
+            "method": scope.get("method"),
+            "route": scope["path"],
+            "status": response["status"],
+            "duration_s": duration_s,
+            **fields,
+        },
+    )

@@ -100,3 +100,19 @@ def test_an_answer_sent_whole_is_logged_without_waiting_for_anything(lines, monk
 
     [line] = lines
     assert "client_left" not in line and line["status"] == 200
+
+
+def test_a_server_stopping_while_a_line_waits_still_writes_it(lines, monkeypatch):
+    monkeypatch.setattr(access_log, "ABANDONED_WAIT_S", 60)
+
+    async def stopped_while_waiting() -> None:
+        serving = asyncio.create_task(serve_once(cut_stream(result_after_s=None)))
+        await asyncio.sleep(0.2)  # the app has returned; its line waits for the generation
+        assert not lines
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+
+    asyncio.run(stopped_while_waiting())
+    [line] = lines
+    assert line["client_left"] is True and line["status"] == 200
