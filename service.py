@@ -25,12 +25,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from glm4v_bento import access_log, bentoml_fixes, client_error_logs
+from glm4v_bento import access_log, bentoml_fixes, client_error_logs, request_streams
 from glm4v_bento.auth import ApiKeyAuth, load_keys
 from glm4v_bento.bento_build import settings_inside_bento
 from glm4v_bento.config import get_settings
 from glm4v_bento.disconnects import CancelOnDisconnect
-from glm4v_bento.engine import EngineClosedError, GenerationResult, QueueFullError, SamplingParams
+from glm4v_bento.engine import EngineClosedError, GenerationResult, QueueFullError, RequestHandle, SamplingParams
 from glm4v_bento.http_limits import INTERNAL_HEADER, INTERNAL_TOKEN, RequestLimits
 from glm4v_bento.image_urls import URLPolicy
 from glm4v_bento.images import CheckedImage
@@ -153,7 +153,7 @@ class GLM4V:
         self.metrics = get_metrics()  # here, in the worker, where /metrics collects from
         self.host.on_result = self._report_result
         self.host.on_abandoned = self._report_result  # a client that left pays and is counted all the same
-        self.host.on_started = access_log.expect_result
+        self.host.on_started = self._track_generation
         self.host.on_step = self.metrics.observe_step
         self.host.drain_on_sigterm(settings.shutdown_grace_s)
         if settings.result_cache_bytes > 0:
@@ -174,6 +174,13 @@ class GLM4V:
         limiter.charge_tokens(current_client.get(), result.usage.completion_tokens)
         self.metrics.observe_result(result)
         access_log.note_result(result)
+
+    def _track_generation(self, handle: RequestHandle) -> None:
+        """A generation started for the current request: its access-log line waits for it should
+        the client leave, and a stream nobody began to read ends with the request."""
+        access_log.expect_result(handle.request_id)
+        if handle.streaming:
+            request_streams.own(handle)
 
     def __is_ready__(self) -> bool:
         return self.host.ready
@@ -363,7 +370,8 @@ class GLM4V:
 client_error_logs.install()
 
 # Outermost first: log every request, who is calling, may they call now, is it within the limits,
-# is its client still there, and (next to the router) a JSON error for a path nobody serves.
+# stop its streams nobody read when it ends, is its client still there, and (next to the router)
+# a JSON error for a path nobody serves.
 if settings.json_logs:
     access_log.configure()
     GLM4V.add_asgi_middleware(access_log.JsonAccessLog)
@@ -376,5 +384,6 @@ GLM4V.add_asgi_middleware(
     on_reject=_reject,
     body_timeout_s=settings.body_timeout_s,
 )
+GLM4V.add_asgi_middleware(request_streams.StreamsEndWithTheirRequest)
 GLM4V.add_asgi_middleware(CancelOnDisconnect, on_left=lambda: get_metrics().clients_left.inc())
 GLM4V.add_asgi_middleware(JsonRouteErrors)

@@ -78,9 +78,9 @@ class ModelHost:
         # Told of what ran for a client that left before its result (finish_reason "cancelled"
         # mostly), in that request's context but from any thread: charged and counted all the same.
         self.on_abandoned: Callable[[GenerationResult], None] | None = None
-        # Told of each generation started for a client (its request id), in that client's request
-        # context: its result will come to on_result or on_abandoned.
-        self.on_started: Callable[[str | None], None] | None = None
+        # Told of each generation started for a client, in that client's request context: its
+        # result will come to on_result or on_abandoned.
+        self.on_started: Callable[[RequestHandle], None] | None = None
         # Told after every scheduler step: (rows running, requests waiting, what says how decode steps run).
         self.on_step: Callable[[int, int, Callable[[], dict[str, bool | int]]], None] | None = None
         self.cache: ResultCache | None = None
@@ -331,7 +331,7 @@ class ModelHost:
     def account_if_abandoned(self, handle: RequestHandle, origin: RequestOrigin) -> None:
         """Should the client leave before ``handle``'s result, report what ran for it in ``origin``."""
         if self.on_started is not None:
-            origin.run(self.on_started, handle.request_id)
+            origin.run(self.on_started, handle)
         handle.on_abandoned(lambda result: origin.run(self._abandoned_result, result))
 
     def _abandoned_result(self, result: GenerationResult) -> None:

@@ -10,6 +10,7 @@ import logging
 import threading
 
 import pytest
+from asgi_once import call_once
 
 from glm4v_bento import access_log
 from glm4v_bento.engine import GenerationResult, Timings, Usage
@@ -65,15 +66,7 @@ def cut_stream(result_after_s: float | None, *, finish: bool = False):
 
 
 async def serve_once(app) -> None:
-    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": [], "state": {}}
-
-    async def receive() -> dict:
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        pass
-
-    await asyncio.wait_for(access_log.JsonAccessLog(app)(scope, receive, send), 10)
+    await call_once(access_log.JsonAccessLog(app), "/v1/chat/completions")
 
 
 def test_a_client_that_left_gets_a_line_with_the_tokens_its_generation_had(lines):

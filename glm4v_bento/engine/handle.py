@@ -52,6 +52,7 @@ class RequestHandle:
         self._lock = threading.Lock()
         self._buffer: list[StreamEvent] = []
         self._subscriber: tuple[asyncio.AbstractEventLoop, asyncio.Queue[StreamEvent]] | None = None
+        self._taken = False  # a consumer has asked for the result (wait) or the events
         self._abandoned = False
         self._abandoned_reported = False
         self._abandoned_callbacks: list[Callable[[GenerationResult], object]] = []
@@ -81,6 +82,12 @@ class RequestHandle:
         self._report_abandoned()
 
     @property
+    def taken(self) -> bool:
+        """Whether a consumer has begun to wait for the result or to read the events: from then
+        on, that consumer abandons the request if it leaves early."""
+        return self._taken
+
+    @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
@@ -97,6 +104,7 @@ class RequestHandle:
 
     async def wait(self) -> GenerationResult:
         """The final result; cancelling the awaiting task abandons the request (see ``abandon``)."""
+        self._taken = True
         try:
             return await asyncio.shield(asyncio.wrap_future(self._future))
         except asyncio.CancelledError:
@@ -107,6 +115,7 @@ class RequestHandle:
         """Text deltas as they are produced, then one ``Finished``. Leaving early abandons the request."""
         if not self.streaming:
             raise RuntimeError("this request was not submitted with stream=True")
+        self._taken = True
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
         with self._lock:
             for event in self._buffer:
