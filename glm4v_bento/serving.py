@@ -257,7 +257,7 @@ class ModelHost:
         for index, handle in handles:
             if not _from_this_process(items[index]):
                 own.add(index)
-                self.account_if_abandoned(handle, items[index].origin)
+                self.started_for_client(handle, items[index].origin)
         received: set[int] = set()
         try:
             for index, handle in handles:
@@ -302,7 +302,7 @@ class ModelHost:
         if outcome.status != 202:
             return outcome
         handle = await claim
-        self.account_if_abandoned(handle, RequestOrigin())  # here, in the caller's request
+        self.started_for_client(handle, RequestOrigin())  # here, in the caller's request
         return _outcome(outcome.request_id, self.completed(await handle.wait()))
 
     def completed(self, result: GenerationResult) -> GenerationResult:
@@ -328,8 +328,9 @@ class ModelHost:
             raise
         return [self.completed(result) for result in results]
 
-    def account_if_abandoned(self, handle: RequestHandle, origin: RequestOrigin) -> None:
-        """Should the client leave before ``handle``'s result, report what ran for it in ``origin``."""
+    def started_for_client(self, handle: RequestHandle, origin: RequestOrigin) -> None:
+        """``handle`` is a generation started for the client of ``origin``: tell ``on_started`` there,
+        and should the client leave before its result, report what ran for it there too."""
         if self.on_started is not None:
             origin.run(self.on_started, handle)
         handle.on_abandoned(lambda result: origin.run(self._abandoned_result, result))
@@ -403,14 +404,14 @@ class ModelHost:
             handle = self.engine.submit(request, stream=True)
             self._open_streams += 1
         handle.add_done_callback(self._stream_closed)
-        self.account_if_abandoned(handle, RequestOrigin())
+        self.started_for_client(handle, RequestOrigin())
         return handle
 
     def submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
         """Submit requests that start together or not at all (``Engine.submit_all``), for this client."""
         handles = self.engine.submit_all(requests)
         for handle in handles:
-            self.account_if_abandoned(handle, RequestOrigin())
+            self.started_for_client(handle, RequestOrigin())
         return handles
 
     def _stream_closed(self, _: RequestHandle) -> None:
